@@ -1,0 +1,54 @@
+"""A consolidated model on disk: `model.safetensors` + `model.json`.
+
+The JSON explains the tensors: the model config, the training step, and any
+provenance the caller adds (tokenizer, data fingerprint). Loading reads tensors
+only (safetensors, never a pickle) and checks the config against the tensors,
+naming both values when they differ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.gpt import GPT, ModelConfig
+
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+def state_dict_for_save(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict without the tied unembedding (safetensors refuses shared storage)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_model(folder: str | Path, state_dict: dict[str, torch.Tensor], config: ModelConfig, **meta: Any) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, str(folder / WEIGHTS))
+    (folder / META).write_text(json.dumps({"model_config": config.to_dict(), **meta}, indent=2, default=str), encoding="utf-8")
+
+
+def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    folder = Path(folder)
+    for name in (WEIGHTS, META):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(str(folder / name))
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    config = ModelConfig(**meta["model_config"])
+    model = GPT(config)
+    tensors = load_file(str(folder / WEIGHTS), device=str(device))
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for k, shape in expected.items():
+        if k not in tensors:
+            raise ValueError(f"{folder / WEIGHTS}: missing tensor {k} required by {META}")
+        if tensors[k].shape != shape:
+            raise ValueError(f"{folder / WEIGHTS}: {k} has shape {tuple(tensors[k].shape)}, {META} implies {tuple(shape)}")
+    model.load_state_dict(tensors, strict=False)
+    model.to(device)
+    return model.eval(), meta

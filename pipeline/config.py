@@ -1,0 +1,248 @@
+"""Experiment configuration: one YAML file per experiment, validated before any work.
+
+The schema is a tree of pydantic models with `extra="forbid"`, so a misspelt key
+is an error rather than a silently ignored default. Every error becomes a single
+`ConfigError` line naming the file and the dotted key path. CLI overrides are
+dotted assignments (`train.lr=3e-4`) parsed as YAML scalars and applied to the
+raw mapping *before* validation, so they are checked exactly like the file.
+
+Fields marked `fingerprint=False` (worker counts, logging intervals, resources)
+do not change a stage's output and are left out of its fingerprint: scaling a
+run out must not invalidate its data. See `fingerprint_view`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+def _nf(default: Any, description: str, **kw: Any) -> Any:
+    """A field that does not enter the fingerprint."""
+    return Field(default, description=description, json_schema_extra={"fingerprint": False}, **kw)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreConfig(_Section):
+    root: str = Field("artifacts", description="Artifact store root: a local folder or any pyarrow.fs URI (s3://, gs://).")
+
+
+class DataConfig(_Section):
+    inputs: list[str] = Field(..., min_length=1, description="Files, directories or globs; local, pyarrow.fs URIs or pkg://PACKAGE/glob.")
+    text_field: str = Field("text", description="JSONL key / Parquet column holding the document text.")
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="Fraction of documents (by content hash) held out for validation.")
+    shard_size_mb: float = Field(64.0, gt=0.0, description="Target raw bytes per shard; fixes the shard plan, hence the output bytes.")
+    append_eos: bool = Field(True, description="Append <|endoftext|> after every document.")
+    num_cpus_per_task: float = _nf(1.0, "CPUs Ray reserves per tokenize task.", gt=0.0)
+    max_retries: int = _nf(3, "Ray retries for a failed tokenize task.", ge=0)
+
+
+class TokenizerConfig(_Section):
+    vocab_size: int = Field(4096, ge=260, le=1 << 20, description="BPE vocabulary size, including the 256 byte tokens and specials.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    max_train_bytes: int = Field(64 << 20, gt=0, description="Train the BPE on at most this many bytes (a deterministic prefix of the sorted inputs).")
+    path: str | None = Field(None, description="Load this tokenizer.json instead of training one.")
+
+
+class ModelSection(_Section):
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads.")
+    d_model: int = Field(128, ge=8, description="Residual stream width.")
+    d_ff: int | None = Field(None, ge=1, description="MLP hidden width (default 4 * d_model).")
+    max_seq_len: int = Field(256, ge=2, description="Training context; the size of a learned position table.")
+    pos_encoding: Literal["learned", "sinusoidal"] = Field("learned", description="Positional encoding added to the embeddings.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, MLP and embeddings.")
+    bias: bool = Field(True, description="Bias in linear layers and LayerNorm.")
+    norm_eps: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSection:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps (the step budget; no epochs).")
+    seq_len: int | None = Field(None, ge=2, description="Training window (default model.max_seq_len).")
+    global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step across all workers.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0.0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0 disables).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
+    seed: int = Field(1337, description="Seed for init, data order and dropout.")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON merged last (escape hatch).")
+    num_workers: int = _nf(2, "Ray Train workers (one GPU each when GPUs are used).", ge=1)
+    use_gpu: bool | None = _nf(None, "Use GPUs; default: when the Ray cluster has them.")
+    cpus_per_worker: float = _nf(1.0, "CPUs per training worker.", gt=0.0)
+    checkpoint_every: int = _nf(100, "Checkpoint every N steps (and always at the end).", ge=1)
+    keep_checkpoints: int = _nf(2, "Checkpoints kept (newest first).", ge=1)
+    max_failures: int = _nf(2, "Worker-group restarts Ray Train attempts from the last checkpoint.", ge=0)
+    log_every: int = _nf(10, "Log step metrics every N steps.", ge=1)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class EvaluateConfig(_Section):
+    max_tokens: int = Field(200_000, ge=1, description="Validation tokens scored per context length.")
+    context_multipliers: list[float] = Field([1.0], min_length=1, description="Evaluate at these multiples of the training context.")
+    batch_size: int = _nf(8, "Windows per forward pass.", ge=1)
+    num_cpus: float = _nf(1.0, "CPUs for the evaluate task.", gt=0.0)
+
+
+class DecodeConfig(_Section):
+    prompts: list[str] = Field(default_factory=lambda: ["\n"], min_length=1, description="Prompts to complete.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per sample.")
+    temperature: float = Field(0.8, ge=0.0, description="0 means greedy.")
+    top_k: int | None = Field(50, ge=1, description="Sample from the k most likely tokens.")
+    num_samples: int = Field(1, ge=1, description="Samples per prompt.")
+    seed: int = Field(0, description="Sampling seed.")
+    num_cpus: float = _nf(1.0, "CPUs for the decode task.", gt=0.0)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Log runs to MLflow (MLFLOW_TRACKING_URI, else MLflow's local default).")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the config name).")
+
+
+class Config(_Section):
+    name: str = Field(..., min_length=1, description="Experiment name; also the MLflow experiment.")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        t = self.train
+        seq_len = t.seq_len or self.model.max_seq_len
+        if self.model.pos_encoding == "learned" and seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}) with learned positions")
+        if t.global_batch_size % (t.micro_batch_size * t.num_workers):
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x train.num_workers ({t.num_workers})"
+            )
+        if t.warmup_steps > t.steps:
+            raise ValueError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# --- loading ---------------------------------------------------------------
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` assignments (values parsed as YAML) to a raw mapping."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
+    return raw
+
+
+def parse_config(raw: Any, *, source: str = "<config>") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    return parse_config(raw, source=str(path))
+
+
+def fingerprint_view(section: BaseModel) -> dict[str, Any]:
+    """The fields of a section that change the output (fingerprint=False ones dropped)."""
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("fingerprint") is False:
+            continue
+        value = getattr(section, name)
+        out[name] = fingerprint_view(value) if isinstance(value, BaseModel) else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: for MLflow params and 'which keys changed'."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

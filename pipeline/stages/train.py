@@ -1,0 +1,91 @@
+"""Stage `train`: a DeepSpeed ZeRO job launched by Ray Train's `TorchTrainer`.
+
+The driver only builds the trainer: `ScalingConfig` from `train.num_workers`
+(GPUs when the cluster has them), `RunConfig(storage_path=<stage folder>,
+failure_config=FailureConfig(max_failures))`. Ray Train keeps the reported
+checkpoints (every rank's ZeRO shards merged into one folder per step) under
+`<stage folder>/ray_train/`; a worker failure or a rerun of this stage after a
+crash restores the newest one (the folder is kept because the stage is
+resumable). The final checkpoint carries the consolidated `model.safetensors` +
+`model.json`, copied to the top of the stage folder with the tokenizer, which
+is all `evaluate` and `decode` need.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, fingerprint_view
+from pipeline.stages.prepare import shard_paths
+from pipeline.train_loop import STATE, train_loop_per_worker
+from pipeline.workflow import Stage, StageContext
+
+
+class TrainingError(RuntimeError):
+    """Training failed after Ray Train's retries."""
+
+
+def seq_len(cfg: Config) -> int:
+    return cfg.train.seq_len or cfg.model.max_seq_len
+
+
+def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
+    return {**cfg.model.model_dump(mode="json"), "vocab_size": vocab_size}
+
+
+def _section(cfg: Config) -> dict[str, Any]:
+    return {"model": fingerprint_view(cfg.model), "train": fingerprint_view(cfg.train)}
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = ctx.config
+    t = cfg.train
+    tok = ctx.inputs["tokenizer"]
+    vocab = int(tok.manifest["metrics"]["vocab_size"])
+    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    worker_config = {
+        "model": model_dict(cfg, vocab),
+        "train": t.model_dump(mode="json"),
+        "seq_len": seq_len(cfg),
+        "train_shards": shard_paths(ctx.inputs["prepare"].path),
+        "tracking_uri": ctx.tracker.tracking_uri,
+        "run_id": ctx.run_id or None,
+        "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
+                 "prepare_fingerprint": ctx.inputs["prepare"].fingerprint, "train_fingerprint": ctx.fingerprint},
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name="ray_train", storage_path=ctx.out_uri,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in several types; report the root cause
+        raise TrainingError(f"train: {type(e).__name__}: {e}".splitlines()[0]) from e
+    if result.checkpoint is None:
+        raise TrainingError("train: Ray Train finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        for name in ("model.safetensors", "model.json", STATE):
+            if not (Path(d) / name).is_file():
+                raise TrainingError(f"train: final checkpoint {d} has no {name}")
+            shutil.copyfile(Path(d) / name, ctx.out_dir / name)
+    shutil.copyfile(tok.path / "tokenizer.json", ctx.out_dir / "tokenizer.json")
+    ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "model.json")
+    final = {k.removeprefix("train/"): float(v) for k, v in (result.metrics or {}).items()
+             if isinstance(v, (int, float)) and k.startswith("train/")}
+    return {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}
+
+
+STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=1, run=run, resumable=True,
+              params=lambda cfg: {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")})

@@ -1,0 +1,176 @@
+"""The artifact store: `<root>/<stage>/<fingerprint>/`, committed by `_COMPLETE.json`.
+
+A stage folder is *complete* only when `_COMPLETE.json` exists, names the same
+full fingerprint as the folder (the folder name is a prefix, so a prefix
+collision is detected rather than silently reused) and every file it lists is
+present with the listed size. Anything else is incomplete: never read
+downstream, and either resumed (training) or cleared and redone.
+
+The root is a local folder or any `pyarrow.fs` URI. Stages always work in a
+local folder: for a local root that *is* the stage folder; for a remote root it
+is a staging folder uploaded at commit time, before the marker. The marker is
+written last: locally via write-to-temp + rename (atomic on POSIX), on object
+stores as a single PUT (atomic per object).
+
+`<root>/_runs/<experiment>.json` remembers the fingerprint each stage had the
+last time this experiment committed it, so `status` can say *why* a stage is
+stale (which config keys changed), not only that it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MARKER = "_COMPLETE.json"
+SHORT = 16  # hex chars of the fingerprint used in folder names
+
+
+class StoreError(RuntimeError):
+    """The artifact store cannot be read or written (names the path)."""
+
+
+def _is_uri(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+class ArtifactStore:
+    def __init__(self, root: str):
+        self.uri = root
+        try:
+            if _is_uri(root):
+                self.fs, self.base = pafs.FileSystem.from_uri(root)
+                self.is_local = False
+            else:
+                path = root[len("file://"):] if root.startswith("file://") else root
+                self.fs, self.base = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+                self.is_local = True
+        except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise StoreError(f"store.root {root!r}: {e}") from None
+        self._cache = Path(tempfile.gettempdir()) / "llmpipe-cache"
+
+    # --- paths ----------------------------------------------------------
+    def stage_path(self, stage: str, fingerprint: str) -> str:
+        return f"{self.base}/{stage}/{fingerprint[:SHORT]}"
+
+    def stage_uri(self, stage: str, fingerprint: str) -> str:
+        """A path for local roots, a full URI for remote ones (for Ray Train storage_path)."""
+        p = self.stage_path(stage, fingerprint)
+        if self.is_local:
+            return p
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{p}"
+
+    # --- reading --------------------------------------------------------
+    def read_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # unreadable or half-written JSON is the same as absent
+
+    def manifest(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
+        """The committed manifest, or None if the folder is not complete."""
+        folder = self.stage_path(stage, fingerprint)
+        m = self.read_json(f"{folder}/{MARKER}")
+        if m is None or m.get("fingerprint") != fingerprint:
+            return None
+        files = m.get("files", [])
+        infos = self.fs.get_file_info([f"{folder}/{f['path']}" for f in files]) if files else []
+        for f, info in zip(files, infos):
+            if info.type != pafs.FileType.File or info.size != f["size"]:
+                return None
+        return m
+
+    def exists(self, stage: str, fingerprint: str) -> bool:
+        info = self.fs.get_file_info(self.stage_path(stage, fingerprint))
+        return info.type == pafs.FileType.Directory
+
+    def local_dir(self, stage: str, fingerprint: str) -> Path:
+        """A local folder holding a committed stage's files (downloaded if remote)."""
+        if self.is_local:
+            return Path(self.stage_path(stage, fingerprint))
+        dest = self._cache / stage / fingerprint[:SHORT]
+        if not (dest / MARKER).exists():
+            self._cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self._cache))
+            pafs.copy_files(self.stage_path(stage, fingerprint), str(tmp), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        return dest
+
+    # --- writing --------------------------------------------------------
+    def working_dir(self, stage: str, fingerprint: str, *, keep_partial: bool) -> Path:
+        """Where a stage writes. A partial local folder is kept (resume) or cleared."""
+        if self.is_local:
+            path = Path(self.stage_path(stage, fingerprint))
+            if path.exists() and not keep_partial:
+                shutil.rmtree(path)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create {path}: {e.strerror}") from None
+            return path
+        path = self._cache / "staging" / stage / fingerprint[:SHORT]
+        if path.exists() and not keep_partial:
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def commit(self, stage: str, fingerprint: str, workdir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """List the files, upload if remote, then write the marker last."""
+        files = [
+            {"path": p.relative_to(workdir).as_posix(), "size": p.stat().st_size}
+            for p in sorted(workdir.rglob("*")) if p.is_file() and not p.name.startswith(f".{MARKER}") and p.name != MARKER
+        ]
+        manifest = {**manifest, "fingerprint": fingerprint, "files": files, "committed_at": time.time()}
+        data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode("utf-8")
+        folder = self.stage_path(stage, fingerprint)
+        try:
+            if self.is_local:
+                tmp = workdir / f".{MARKER}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, workdir / MARKER)
+            else:
+                pafs.copy_files(str(workdir), folder, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.fs)
+                with self.fs.open_output_stream(f"{folder}/{MARKER}") as f:
+                    f.write(data)
+        except OSError as e:
+            raise StoreError(f"cannot commit {folder}: {e}") from None
+        return manifest
+
+    # --- the per-experiment pointer used to explain staleness ------------
+    def _runs_path(self, experiment: str) -> str:
+        return f"{self.base}/_runs/{experiment}.json"
+
+    def last_fingerprints(self, experiment: str) -> dict[str, str]:
+        return self.read_json(self._runs_path(experiment)) or {}
+
+    def remember(self, experiment: str, stage: str, fingerprint: str) -> None:
+        state = self.last_fingerprints(experiment)
+        state[stage] = fingerprint
+        path = self._runs_path(experiment)
+        data = json.dumps(state, indent=2, sort_keys=True).encode("utf-8")
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)

@@ -1,0 +1,261 @@
+"""The per-worker training function: plain PyTorch + DeepSpeed, with or without Ray.
+
+`train_loop_per_worker(config)` is what Ray Train's `TorchTrainer` runs on every
+worker; benchmarks call it directly in one process. Everything it needs comes
+from its argument. It runs for a step budget (no epochs), reads its samples
+from the memory-mapped shards by a pure function of the step, and checkpoints
+through DeepSpeed's save/load. Under Ray each rank's checkpoint files are
+reported with `ray.train.report`, which merges them into one folder in the run's
+storage and restores the newest on a worker-group restart or a rerun; without
+Ray they go to a local folder.
+
+The two pure pieces the rest of the project tests directly: `deepspeed_config`
+(micro batch x accumulation x world size = global batch) and `lr_at` (the LR
+schedule as a function of the step).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import GPT, ModelConfig, save_model, state_dict_for_save
+from pipeline.config import ConfigError
+from pipeline.tracking import step_logger
+from tokenization.dataset import TokenWindows, sample_indices
+
+DS_TAG = "deepspeed"
+STATE = "train_state.json"
+
+
+# --- pure pieces -------------------------------------------------------------
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_precision(precision: str, *, on_gpu: bool, bf16_supported: bool) -> str:
+    if precision == "auto":
+        return "bf16" if on_gpu and bf16_supported else "fp32"
+    if precision in ("bf16", "fp16") and not on_gpu:
+        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or auto on CPU")
+    return precision
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def deepspeed_config(train: dict[str, Any], *, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON for a pipeline `train` section (raw `train.deepspeed` merged last)."""
+    micro, global_batch = train["micro_batch_size"], train["global_batch_size"]
+    if global_batch % (micro * world_size):
+        raise ConfigError(f"train.global_batch_size ({global_batch}) must be a multiple of "
+                          f"train.micro_batch_size ({micro}) x world size ({world_size})")
+    cfg: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_batch // (micro * world_size),
+        "gradient_clipping": float(train["grad_clip"]),
+        "zero_optimization": {"stage": int(train["zero_stage"])},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO (no CUDA-only fused Adam)
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    cfg = _merge(cfg, copy.deepcopy(train.get("deepspeed") or {}))
+    ds = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size
+    if ds != cfg["train_batch_size"]:
+        raise ConfigError(f"train.deepspeed: train_batch_size {cfg['train_batch_size']} != micro batch x accumulation x world size ({ds})")
+    return cfg
+
+
+# --- the worker ----------------------------------------------------------------
+
+@dataclass
+class WorkerConfig:
+    model: dict[str, Any]
+    train: dict[str, Any]
+    seq_len: int
+    train_shards: list[str]
+    local_checkpoint_dir: str | None = None  # used when running without Ray
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # provenance written into model.json
+
+
+def _in_ray_train() -> bool:
+    try:
+        import ray.train
+
+        ray.train.get_context().get_world_rank()
+        return True
+    except Exception:  # noqa: BLE001 - "not inside a Ray Train worker" has no single exception type
+        return False
+
+
+def _init_single_process(backend: str) -> None:
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(k, v)
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        deepspeed.init_distributed(dist_backend=backend)
+
+
+class _Checkpoints:
+    """Where checkpoints go: Ray Train's storage (merged across ranks) or a local folder."""
+
+    def __init__(self, under_ray: bool, local_dir: str | None):
+        self.under_ray, self.local_dir = under_ray, local_dir
+
+    def latest(self) -> Path | None:
+        if self.under_ray:
+            import ray.train
+
+            ckpt = ray.train.get_checkpoint()
+            return Path(ckpt.path) if ckpt is not None and ckpt.filesystem.type_name == "local" else \
+                (Path(ckpt.to_directory()) if ckpt is not None else None)
+        if not self.local_dir or not Path(self.local_dir).is_dir():
+            return None
+        done = sorted(p for p in Path(self.local_dir).glob("step_*") if (p / STATE).is_file())
+        return done[-1] if done else None
+
+    def report(self, metrics: dict[str, float], folder: Path, name: str) -> None:
+        if self.under_ray:
+            import ray.train
+
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
+        elif self.local_dir:
+            dest = Path(self.local_dir) / name
+            shutil.copytree(folder, dest, dirs_exist_ok=True)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not biases, norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    cfg = WorkerConfig(**config)
+    import deepspeed
+
+    under_ray = _in_ray_train()
+    if under_ray:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        _init_single_process("nccl" if device.type == "cuda" else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    t = cfg.train
+    on_gpu = device.type == "cuda"
+    precision = resolve_precision(t["precision"], on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+
+    torch.manual_seed(t["seed"])
+    model = GPT(ModelConfig(**cfg.model)).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, t["weight_decay"]), lr=t["lr"], betas=tuple(t["betas"]), eps=1e-8)
+    ds_config = deepspeed_config(t, world_size=world, precision=precision)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+
+    checkpoints = _Checkpoints(under_ray, cfg.local_checkpoint_dir)
+    start_step = 0
+    if (latest := checkpoints.latest()) is not None:
+        state = json.loads((latest / STATE).read_text())
+        load_path, _ = engine.load_checkpoint(str(latest), tag=DS_TAG)
+        assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
+        start_step = int(state["step"])
+        print(f"[rank {rank}] resumed from {latest} at step {start_step}", flush=True)
+
+    data = TokenWindows(cfg.train_shards, cfg.seq_len)
+    logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
+    tokens_per_step = t["global_batch_size"] * cfg.seq_len
+    steps = t["steps"]
+    last: dict[str, float] = {}
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"], total_steps=steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = sample_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
+                             num_windows=len(data), seed=t["seed"])
+        loss_sum = torch.zeros((), device=device)
+        for m in range(gas):
+            batch = torch.from_numpy(data.batch(idx[m * micro : (m + 1) * micro])).to(device)  # (micro, T+1)
+            loss = engine(batch[:, :-1], batch[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        torch.distributed.all_reduce(loss_sum)
+        loss_avg = loss_sum.item() / (gas * world)
+        dt = time.perf_counter() - t0
+        grad_norm = engine.get_global_grad_norm()
+        last = {"train/loss": loss_avg, "train/lr": lr, "train/tokens_per_s": tokens_per_step / dt,
+                "train/step_time_s": dt, "train/tokens": float((step + 1) * tokens_per_step)}
+        if grad_norm is not None:
+            last["train/grad_norm"] = float(grad_norm)
+        done = step + 1
+        if done % t["log_every"] == 0 or done == steps or step == start_step:
+            logger.log_metrics(last, step=done)
+        if done % t["checkpoint_every"] == 0 or done == steps:
+            _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last)
+    if start_step >= steps:  # resumed from the final checkpoint: re-report it so the driver can read it
+        _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last)
+    return last
+
+
+def _save(engine: Any, checkpoints: _Checkpoints, cfg: WorkerConfig, step: int, *, final: bool, rank: int,
+          metrics: dict[str, float]) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 adds the step state (and, at the end,
+    the consolidated model); the report merges all ranks' files into one checkpoint folder."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"llmpipe-ckpt-r{rank}-"))
+    try:
+        (tmp / DS_TAG).mkdir()
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        state_dict = _consolidated_state_dict(engine, rank) if final else None
+        if rank == 0:
+            if state_dict is not None:
+                save_model(tmp, state_dict, engine.module.config, step=step, **cfg.meta)
+            (tmp / STATE).write_text(json.dumps({"step": step, "final": final, "metrics": metrics}))
+        checkpoints.report({**metrics, "step": step}, tmp, f"step_{step:08d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _consolidated_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32-or-training-precision weights on rank 0, from any ZeRO stage."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:  # parameters are partitioned: gather them (all ranks enter)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return state_dict_for_save(module) if rank == 0 else None
+    return state_dict_for_save(module) if rank == 0 else None
+

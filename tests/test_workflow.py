@@ -1,0 +1,178 @@
+"""The workflow contract with fake stages (no Ray): fingerprints, plan states, selection, commit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import fingerprint_view
+from pipeline.store import MARKER, ArtifactStore
+from pipeline.workflow import Stage, WorkflowError, execute, fingerprint, plan
+from pipeline.stages import STAGES
+
+
+def fake_stages(calls: list[str]) -> list[Stage]:
+    def make(name: str, needs: tuple[str, ...], section):
+        def run(ctx):
+            calls.append(name)
+            for n in needs:  # a downstream stage only ever sees committed upstreams
+                assert (ctx.inputs[n].path / MARKER).is_file()
+            (ctx.out_dir / "out.txt").write_text(f"{name} {ctx.fingerprint}")
+            return {"value": float(len(calls))}
+        return Stage(name=name, needs=needs, section=section, version=1, run=run, uses_ray=False)
+
+    return [
+        make("tokenizer", (), lambda c: fingerprint_view(c.tokenizer)),
+        make("prepare", ("tokenizer",), lambda c: {"val_fraction": c.data.val_fraction}),
+        make("train", ("tokenizer", "prepare"), lambda c: {"model": fingerprint_view(c.model), "train": fingerprint_view(c.train)}),
+        make("evaluate", ("tokenizer", "prepare", "train"), lambda c: fingerprint_view(c.evaluate)),
+        make("decode", ("tokenizer", "train"), lambda c: fingerprint_view(c.decode)),
+    ]
+
+
+def fps(cfg, stages=None):
+    store = ArtifactStore(cfg.store.root)
+    return {it.stage.name: it.fingerprint for it in plan(cfg, store, stages or fake_stages([]))}
+
+
+def run_all(cfg, stages, **kw):
+    items = plan(cfg, ArtifactStore(cfg.store.root), stages, **kw)
+    execute(cfg, items, stages, echo=lambda s: None)
+    return items
+
+
+def test_fingerprint_is_stable_and_canonical():
+    s = fake_stages([])[0]
+    a = fingerprint(s, {"x": 1, "y": [1, 2]}, {})
+    assert a == fingerprint(s, {"y": [1, 2], "x": 1}, {})
+    assert a != fingerprint(s, {"x": 2, "y": [1, 2]}, {})
+    assert a != fingerprint(s, {"x": 1, "y": [1, 2]}, {"up": "f"})
+    assert len(a) == 64
+
+
+def test_real_stage_fingerprints_ignore_worker_counts_but_not_hyperparameters(tiny_config):
+    base = fps(tiny_config(), STAGES)
+    assert fps(tiny_config(train={"num_workers": 1, "global_batch_size": 8, "log_every": 5, "checkpoint_every": 2}), STAGES) == base
+    changed = fps(tiny_config(train={"lr": 5e-4}), STAGES)
+    assert [n for n in base if base[n] != changed[n]] == ["train", "evaluate", "decode"]
+
+
+def test_changing_decode_temperature_changes_only_decode(tiny_config):
+    base = fps(tiny_config(), STAGES)
+    changed = fps(tiny_config(decode={"temperature": 0.3}), STAGES)
+    assert [n for n in base if base[n] != changed[n]] == ["decode"]
+
+
+def test_adding_an_input_file_makes_the_tokenizer_and_everything_after_it_change(tiny_config, corpus_dir, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    base = fps(tiny_config(data={"inputs": [str(corpus)]}), STAGES)
+    (corpus / "extra.md").write_text("A new play.\n")
+    changed = fps(tiny_config(data={"inputs": [str(corpus)]}), STAGES)
+    assert all(base[n] != changed[n] for n in base)
+
+
+def test_stages_run_in_dependency_order_then_are_cached(tiny_config):
+    calls: list[str] = []
+    cfg = tiny_config()
+    stages = fake_stages(calls)
+    items = run_all(cfg, stages)
+    assert calls == ["tokenizer", "prepare", "train", "evaluate", "decode"]
+    assert all(it.state == "missing" for it in items)
+    calls.clear()
+    again = run_all(cfg, stages)
+    assert calls == [] and all(it.state == "cached" and not it.run for it in again)
+
+
+def test_stale_stage_reports_the_changed_keys(tiny_config):
+    calls: list[str] = []
+    stages = fake_stages(calls)
+    run_all(tiny_config(), stages)
+    items = {it.stage.name: it for it in plan(tiny_config(train={"lr": 5e-4}), ArtifactStore(tiny_config().store.root), stages)}
+    assert items["tokenizer"].state == "cached" and items["prepare"].state == "cached"
+    assert items["train"].state == "stale"
+    assert any(r.startswith("train.lr: 0.001 -> 0.0005") for r in items["train"].reasons)
+    assert "upstream train changed" in items["evaluate"].reasons
+
+
+def test_only_runs_one_stage_and_needs_cached_upstreams(tiny_config):
+    calls: list[str] = []
+    stages = fake_stages(calls)
+    cfg = tiny_config()
+    with pytest.raises(WorkflowError, match="--only evaluate: upstream stage tokenizer is missing"):
+        plan(cfg, ArtifactStore(cfg.store.root), stages, only="evaluate")
+    run_all(cfg, stages)
+    calls.clear()
+    run_all(cfg, stages, only="evaluate")
+    assert calls == ["evaluate"]
+
+
+def test_from_forces_the_stage_and_everything_downstream(tiny_config):
+    calls: list[str] = []
+    stages = fake_stages(calls)
+    cfg = tiny_config()
+    run_all(cfg, stages)
+    calls.clear()
+    run_all(cfg, stages, from_stage="train")
+    assert calls == ["train", "evaluate", "decode"]
+    calls.clear()
+    run_all(cfg, stages, force=["prepare"])
+    assert calls == ["prepare"]
+
+
+def test_unknown_stage_name_is_rejected(tiny_config):
+    cfg = tiny_config()
+    with pytest.raises(WorkflowError, match="--from trian: unknown stage"):
+        plan(cfg, ArtifactStore(cfg.store.root), fake_stages([]), from_stage="trian")
+
+
+def test_folder_without_marker_is_never_used_and_is_redone(tiny_config):
+    calls: list[str] = []
+    stages = fake_stages(calls)
+    cfg = tiny_config()
+    store = ArtifactStore(cfg.store.root)
+    tok_fp = plan(cfg, store, stages)[0].fingerprint
+    partial = store.working_dir("tokenizer", tok_fp, keep_partial=False)
+    (partial / "half-written.bin").write_bytes(b"\0" * 10)
+    items = plan(cfg, store, stages)
+    assert items[0].state == "missing" and "incomplete folder: will redo" in items[0].reasons
+    run_all(cfg, stages)
+    assert calls[0] == "tokenizer"
+    assert not (partial / "half-written.bin").exists()  # cleared, not mixed into the new output
+
+
+@pytest.mark.parametrize("damage", ["delete_file", "truncate_file", "wrong_fingerprint", "corrupt_marker"])
+def test_damaged_commit_is_treated_as_incomplete(tiny_config, damage):
+    stages = fake_stages([])
+    cfg = tiny_config()
+    run_all(cfg, stages)
+    store = ArtifactStore(cfg.store.root)
+    fp = plan(cfg, store, stages)[0].fingerprint
+    folder = store.local_dir("tokenizer", fp)
+    assert store.manifest("tokenizer", fp) is not None
+    if damage == "delete_file":
+        (folder / "out.txt").unlink()
+    elif damage == "truncate_file":
+        (folder / "out.txt").write_text("x")
+    elif damage == "wrong_fingerprint":
+        m = json.loads((folder / MARKER).read_text())
+        m["fingerprint"] = "0" * 64
+        (folder / MARKER).write_text(json.dumps(m))
+    else:
+        (folder / MARKER).write_text('{"fingerprint": ')
+    assert store.manifest("tokenizer", fp) is None
+    assert plan(cfg, store, stages)[0].state != "cached"
+
+
+def test_commit_writes_the_marker_last_with_the_file_list(tmp_path):
+    store = ArtifactStore(str(tmp_path / "root"))
+    work = store.working_dir("s", "ab" * 32, keep_partial=False)
+    (work / "sub").mkdir()
+    (work / "sub" / "a.bin").write_bytes(b"1234")
+    m = store.commit("s", "ab" * 32, work, {"stage": "s"})
+    assert m["files"] == [{"path": "sub/a.bin", "size": 4}]
+    assert store.manifest("s", "ab" * 32)["stage"] == "s"
+    assert not list(work.glob(".*tmp"))
