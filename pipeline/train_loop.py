@@ -189,6 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     start_step = 0
     if (latest := checkpoints.latest()) is not None:
         state = json.loads((latest / STATE).read_text())
+        _check_compatible(state, cfg, latest)
         load_path, _ = engine.load_checkpoint(str(latest), tag=DS_TAG)
         assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
         start_step = int(state["step"])
@@ -199,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     tokens_per_step = t["global_batch_size"] * cfg.seq_len
     steps = t["steps"]
     last: dict[str, float] = {}
+    steady_time, steady_steps = 0.0, 0  # steps after the first one this process ran (warm-up excluded)
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         lr = lr_at(step, lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"], total_steps=steps)
@@ -216,6 +218,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         torch.distributed.all_reduce(loss_sum)
         loss_avg = loss_sum.item() / (gas * world)
         dt = time.perf_counter() - t0
+        if step > start_step:
+            steady_time, steady_steps = steady_time + dt, steady_steps + 1
         grad_norm = engine.get_global_grad_norm()
         last = {"train/loss": loss_avg, "train/lr": lr, "train/tokens_per_s": tokens_per_step / dt,
                 "train/step_time_s": dt, "train/tokens": float((step + 1) * tokens_per_step)}
@@ -228,6 +232,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last)
     if start_step >= steps:  # resumed from the final checkpoint: re-report it so the driver can read it
         _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last)
+    if steady_steps:
+        last["train/steady_tokens_per_s"] = tokens_per_step * steady_steps / steady_time
     return last
 
 
@@ -243,10 +249,23 @@ def _save(engine: Any, checkpoints: _Checkpoints, cfg: WorkerConfig, step: int, 
         if rank == 0:
             if state_dict is not None:
                 save_model(tmp, state_dict, engine.module.config, step=step, **cfg.meta)
-            (tmp / STATE).write_text(json.dumps({"step": step, "final": final, "metrics": metrics}))
+            (tmp / STATE).write_text(json.dumps({"step": step, "final": final, "metrics": metrics, "model": cfg.model,
+                                                 "world_size": torch.distributed.get_world_size(),
+                                                 "global_batch_size": cfg.train["global_batch_size"]}))
         checkpoints.report({**metrics, "step": step}, tmp, f"step_{step:08d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: Path) -> None:
+    """Refuse to resume from a checkpoint of another model or data-parallel layout, naming both values."""
+    world = torch.distributed.get_world_size()
+    if state.get("model", cfg.model) != cfg.model:
+        diff = {k: (state["model"].get(k), v) for k, v in cfg.model.items() if state["model"].get(k) != v}
+        raise RuntimeError(f"checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
+    if state.get("world_size", world) != world:
+        raise RuntimeError(f"checkpoint {where} was written by {state['world_size']} workers, this run has {world}: "
+                           f"resume with train.num_workers={state['world_size']} (ZeRO shards are per worker)")
 
 
 def _consolidated_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
