@@ -49,6 +49,9 @@ def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> tup
             raise ValueError(f"{folder / WEIGHTS}: missing tensor {k} required by {META}")
         if tensors[k].shape != shape:
             raise ValueError(f"{folder / WEIGHTS}: {k} has shape {tuple(tensors[k].shape)}, {META} implies {tuple(shape)}")
-    model.load_state_dict(tensors, strict=False)
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"{folder / WEIGHTS}: tensors {unexpected[:3]} are not part of the model described by {META}")
+    model.load_state_dict(tensors, strict=False)  # strict=False only for the tied lm_head.weight
     model.to(device)
     return model.eval(), meta

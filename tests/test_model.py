@@ -93,3 +93,12 @@ def test_loading_checks_the_config_against_the_tensors(tmp_path):
     save_model(tmp_path, state_dict_for_save(m), other)
     with pytest.raises(ValueError, match=r"tok_emb.weight has shape \(97, 32\), model.json implies \(97, 64\)"):
         load_model(tmp_path)
+
+
+def test_loading_rejects_tensors_the_config_does_not_describe(tmp_path):
+    m = tiny()
+    sd = state_dict_for_save(m)
+    sd["blocks.9.attn.qkv.weight"] = torch.zeros(3)
+    save_model(tmp_path, sd, m.config)
+    with pytest.raises(ValueError, match=r"blocks\.9\.attn\.qkv\.weight"):
+        load_model(tmp_path)
