@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"vs unigram {ev['unigram_loss']:.4f}")
         return 0
     except (*KNOWN_ERRORS, TrainingError) as e:
-        print(f"llmpipe: error: {e}", file=sys.stderr)
+        cause = getattr(e, "cause", None) or e  # a RayTaskError carries the remote exception as .cause
+        print(f"llmpipe: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmpipe: interrupted", file=sys.stderr)

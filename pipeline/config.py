@@ -42,16 +42,37 @@ class DataConfig(_Section):
     text_field: str = Field("text", description="JSONL key / Parquet column holding the document text.")
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="Fraction of documents (by content hash) held out for validation.")
     shard_size_mb: float = Field(64.0, gt=0.0, description="Target raw bytes per shard; fixes the shard plan, hence the output bytes.")
-    append_eos: bool = Field(True, description="Append <|endoftext|> after every document.")
+    append_eos: bool = Field(True, description="Append the EOS token after every document.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Bad records: stop with an error naming file:line, or skip, count and list them.")
+    replace_invalid_utf8: bool = Field(False, description="Replace invalid UTF-8 bytes with U+FFFD (counted) instead of applying on_error.")
+    normalize: Literal["nfc", "none"] = Field("nfc", description="Unicode normalisation of every document.")
+    min_chars: int = Field(1, ge=0, description="Drop documents with fewer non-blank characters (counted as too_short).")
+    max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this (counted as too_long).")
+    dedup: bool = Field(True, description="Drop exact duplicate documents (by content hash) across all shards.")
+    num_tasks: int | None = _nf(None, "Ray tasks for prepare (default: one per shard); never changes the output.", ge=1)
     num_cpus_per_task: float = _nf(1.0, "CPUs Ray reserves per tokenize task.", gt=0.0)
-    max_retries: int = _nf(3, "Ray retries for a failed tokenize task.", ge=0)
+    max_retries: int = _nf(3, "Ray retries of a task whose worker died.", ge=0)
+
+    @model_validator(mode="after")
+    def _length_order(self) -> DataConfig:
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"data.max_chars ({self.max_chars}) is below data.min_chars ({self.min_chars})")
+        return self
 
 
 class TokenizerConfig(_Section):
     vocab_size: int = Field(4096, ge=260, le=1 << 20, description="BPE vocabulary size, including the 256 byte tokens and specials.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
-    max_train_bytes: int = Field(64 << 20, gt=0, description="Train the BPE on at most this many bytes (a deterministic prefix of the sorted inputs).")
-    path: str | None = Field(None, description="Load this tokenizer.json instead of training one.")
+    max_train_bytes: int = Field(64 << 20, gt=0, description="Train on a deterministic sample of about this many bytes, spread over the corpus.")
+    special_tokens: list[str] = Field(["<|endoftext|>", "<|pad|>"], min_length=1, description="Special tokens, added first.")
+    eos_token: str = Field("<|endoftext|>", description="The token that ends a document (must be a special token).")
+    path: str | None = Field(None, description="Load this tokenizer.json (or a local Hugging Face tokenizer folder) instead of training one.")
+
+    @model_validator(mode="after")
+    def _eos_is_special(self) -> TokenizerConfig:
+        if self.path is None and self.eos_token not in self.special_tokens:
+            raise ValueError(f"tokenizer.eos_token {self.eos_token!r} is not in tokenizer.special_tokens {self.special_tokens}")
+        return self
 
 
 class ModelSection(_Section):

@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline.stages.prepare import is_validation, plan_shards, tokenize_shard
 from tokenization.bpe import EOS, load_tokenizer, token_byte_lengths, train_bpe
 from tokenization.dataset import TokenWindows, sample_indices
-from tokenization.readers import InputError, InputFile, iter_documents, resolve_inputs
+from tokenization.readers import InputError, resolve_inputs
 from tokenization.shards import read_tokens, write_shard
 
 
@@ -39,53 +38,12 @@ def test_ranks_partition_each_global_batch_and_the_order_is_a_function_of_the_st
     assert sorted(epoch0.tolist()) == list(range(50))  # one pass sees every window exactly once
 
 
-def test_validation_split_depends_only_on_the_text():
-    texts = [f"document number {i}" for i in range(2000)]
-    flags = [is_validation(t, 0.1) for t in texts]
-    assert 0.07 < sum(flags) / len(flags) < 0.13
-    assert flags == [is_validation(t, 0.1) for t in texts]
-
-
-def test_shard_plan_depends_on_sizes_not_workers():
-    files = [InputFile(f"/f{i}", size=s, mtime_ns=0) for i, s in enumerate([5, 5, 5, 20, 1])]
-    assert [[f.uri for f in s] for s in plan_shards(files, 10)] == [["/f0", "/f1"], ["/f2"], ["/f3"], ["/f4"]]
-
-
-def test_tokenize_shard_is_deterministic_and_ends_documents_with_eos(corpus_dir, tmp_path):
-    files = resolve_inputs([str(corpus_dir)])[:4]
-    tok = train_bpe((d for f in files for d in iter_documents(f.uri)), vocab_size=300)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    outs = []
-    for run in ("a", "b"):
-        (tmp_path / run).mkdir()
-        outs.append(tokenize_shard(0, files, tokenizer_path=str(tmp_path / "tokenizer.json"), text_field="text",
-                                   val_fraction=0.25, append_eos=True, out_dir=str(tmp_path / run)))
-    assert outs[0]["train"]["sha256"] == outs[1]["train"]["sha256"]
-    eos = tok.token_to_id(EOS)
-    flat = read_tokens(tmp_path / "a" / outs[0]["train"]["file"])
-    assert int(flat[-1]) == eos and int((flat == eos).sum()) == outs[0]["train"]["docs"]
-
-
 def test_token_byte_lengths_sum_to_the_utf8_length():
     tok = train_bpe(["héllo wörld, hello world — ünïcode " * 20], vocab_size=300)
     text = "hello wörld — ünïcode!"
     ids = tok.encode(text).ids
     assert int(token_byte_lengths(tok)[ids].sum()) == len(text.encode("utf-8"))
     assert token_byte_lengths(tok)[tok.token_to_id(EOS)] == 0
-
-
-def test_readers_name_the_file_and_line(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(InputError, match=r"bad\.jsonl:2: malformed JSON"):
-        list(iter_documents(str(tmp_path / "bad.jsonl")))
-    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(InputError, match=r"nofield\.jsonl:1: field 'text' is missing"):
-        list(iter_documents(str(tmp_path / "nofield.jsonl")))
-    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
-    with pytest.raises(InputError, match=r"latin1\.txt: invalid UTF-8 at byte 3"):
-        list(iter_documents(str(tmp_path / "latin1.txt")))
-    with pytest.raises(InputError, match="matches no files"):
-        resolve_inputs([str(tmp_path / "*.parquet")])
 
 
 def test_pkg_inputs_resolve_the_demo_corpus_from_site_packages():

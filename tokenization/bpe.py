@@ -8,25 +8,30 @@ token stands for a fixed byte string, which is what makes bits-per-byte exact:
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tokenization.documents import DocOptions, doc_hash, documents
+from tokenization.readers import InputError, InputFile, Piece, SkipLog
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD]
 
 
-def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
+              special_tokens: list[str] | None = None) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens or SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -72,3 +77,31 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
 
 def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def build_tokenizer(files: list[InputFile], *, opts: DocOptions, vocab_size: int, min_frequency: int,
+                    max_train_bytes: int, special_tokens: list[str], out_dir: str) -> dict[str, float]:
+    """Train a BPE on a deterministic sample of about `max_train_bytes` (documents whose content hash
+    falls below max_train_bytes / corpus bytes) and save it as out_dir/tokenizer.json."""
+    total = sum(f.size for f in files)
+    rate = min(1.0, max_train_bytes / max(1, total))
+    seen = {"bytes": 0, "docs": 0}
+    log, filtered = SkipLog(), Counter()
+
+    def texts():
+        for text in documents([Piece(f.uri, 0, f.size, f.size) for f in files], opts, log, filtered):
+            if rate < 1.0 and doc_hash(text) / 2**64 >= rate:
+                continue
+            if seen["bytes"] >= max_train_bytes:
+                return
+            text = text[: max_train_bytes - seen["bytes"]]
+            seen["bytes"] += len(text.encode("utf-8"))
+            seen["docs"] += 1
+            yield text
+
+    tok = train_bpe(texts(), vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens)
+    if seen["docs"] == 0:
+        raise InputError("tokenizer: no documents to train on (every record was skipped or filtered)")
+    tok.save(str(Path(out_dir) / "tokenizer.json"))
+    return {"vocab_size": float(tok.get_vocab_size()), "train_bytes": float(seen["bytes"]), "train_docs": float(seen["docs"]),
+            "sample_rate": rate, **{f"skipped_{k}": float(v) for k, v in log.counts.items()}}

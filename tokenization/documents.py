@@ -1,0 +1,76 @@
+"""Documents as the stages see them: read, normalised, filtered, hashed.
+
+`documents()` is the one place that applies the data options (bad-input
+policy, Unicode NFC, length filters) so the tokenizer trains on, and `prepare`
+writes, the same documents. `doc_hash` is the content hash used both for exact
+de-duplication and for the train/validation split: a document's fate depends
+only on its text, never on sharding or worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from tokenization.readers import Piece, SkipLog, iter_documents
+
+# Token-count histogram edges: 0, 1, 2, 4, ... 2^24 (then everything longer).
+LENGTH_EDGES = np.array([0] + [2**k for k in range(25)], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class DocOptions:
+    text_field: str = "text"
+    on_error: str = "raise"  # raise | skip
+    replace_invalid_utf8: bool = False
+    normalize: str = "nfc"  # nfc | none
+    min_chars: int = 1
+    max_chars: int | None = None
+
+
+def documents(pieces: Iterable[Piece], opts: DocOptions, log: SkipLog, filtered: Counter) -> Iterator[str]:
+    skip_log = log if opts.on_error == "skip" else None
+    for piece in pieces:
+        for text in iter_documents(piece, text_field=opts.text_field, log=skip_log,
+                                   replace_invalid_utf8=opts.replace_invalid_utf8):
+            if opts.normalize == "nfc":
+                text = unicodedata.normalize("NFC", text)
+            if len(text.strip()) < opts.min_chars:
+                filtered["too_short"] += 1
+                continue
+            if opts.max_chars is not None and len(text) > opts.max_chars:
+                filtered["too_long"] += 1
+                continue
+            yield text
+
+
+def doc_hash(text: str) -> int:
+    """64-bit content hash (blake2b) as an unsigned int."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def is_validation(h: int, fraction: float) -> bool:
+    return h / 2**64 < fraction
+
+
+def first_occurrences(hashes: list[np.ndarray]) -> list[np.ndarray]:
+    """Per shard, the indices of documents whose text already appeared earlier (in shard, then document order)."""
+    flat = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    keep = np.zeros(len(flat), dtype=bool)
+    _, first = np.unique(flat, return_index=True)
+    keep[first] = True
+    out, start = [], 0
+    for h in hashes:
+        out.append(np.flatnonzero(~keep[start : start + len(h)]))
+        start += len(h)
+    return out
+
+
+def length_histogram(token_counts: Iterable[int]) -> np.ndarray:
+    counts = np.fromiter(token_counts, dtype=np.int64)
+    return np.bincount(np.searchsorted(LENGTH_EDGES, counts, side="right") - 1, minlength=len(LENGTH_EDGES))
