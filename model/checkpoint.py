@@ -15,15 +15,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.gpt import GPT, ModelConfig
+from model.config import ModelConfig
+from model.gpt import GPT
 
 WEIGHTS, META = "model.safetensors", "model.json"
 
 
 def state_dict_for_save(model: GPT) -> dict[str, torch.Tensor]:
-    """The state dict without the tied unembedding (safetensors refuses shared storage)."""
+    """The state dict, less a tied unembedding (safetensors refuses shared storage; loading re-ties it)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    sd.pop("lm_head.weight", None)
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
     return sd
 
 
@@ -43,7 +45,8 @@ def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> tup
     config = ModelConfig(**meta["model_config"])
     model = GPT(config)
     tensors = load_file(str(folder / WEIGHTS), device=str(device))
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     for k, shape in expected.items():
         if k not in tensors:
             raise ValueError(f"{folder / WEIGHTS}: missing tensor {k} required by {META}")
@@ -52,6 +55,6 @@ def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> tup
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ValueError(f"{folder / WEIGHTS}: tensors {unexpected[:3]} are not part of the model described by {META}")
-    model.load_state_dict(tensors, strict=False)  # strict=False only for the tied lm_head.weight
+    model.load_state_dict(tensors, strict=not tied)  # a tied lm_head.weight is the token embedding
     model.to(device)
     return model.eval(), meta

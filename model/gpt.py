@@ -1,14 +1,20 @@
-"""A decoder-only transformer ("Attention Is All You Need", as in GPT).
+"""A decoder-only transformer ("Attention Is All You Need", as in GPT-2 and LLaMA).
 
-Architecture choices:
+Architecture choices (all in `ModelConfig`, defaults = GPT-2 style):
 - token embedding + positional encoding: `learned` (a table of `max_seq_len`
-  rows, GPT-2) or `sinusoidal` (the fixed sin/cos of Vaswani et al., defined at
-  any position, so the model can be *evaluated* past its training context);
-- pre-LayerNorm blocks: `x = x + attn(ln(x)); x = x + mlp(ln(x))`;
-- causal multi-head self-attention through `scaled_dot_product_attention`
-  (flash / memory-efficient kernels on GPU), with an optional KV cache;
-- GELU MLP; a final LayerNorm; unembedding tied to the token embedding, then
-  softmax (inside the cross-entropy for training, in the sampler for decoding).
+  rows, GPT-2), `sinusoidal` (Vaswani et al.), `rope` (rotary, rotate-half as in
+  LLaMA; optional linear / NTK-aware / YaRN scaling, changeable at evaluation
+  time with `set_rope_scaling`), `alibi` (per-head linear distance penalties,
+  Press et al.) or `none` (the causal mask alone carries order); all but `learned`
+  are defined at any position, so the model can be evaluated past its context;
+- pre-norm blocks: `x = x + attn(norm(x)); x = x + mlp(norm(x))`, LayerNorm or RMSNorm;
+- causal self-attention through `scaled_dot_product_attention` (flash /
+  memory-efficient kernels on GPU) with `n_kv_head` key/value heads (multi-head,
+  grouped-query or multi-query), an optional KV cache, and left padding;
+- MLP: GELU (exact or tanh) or SwiGLU; optional biases; dropout;
+- a final norm; unembedding tied to the token embedding or a separate matrix;
+  softmax inside the cross-entropy for training, in the sampler for decoding;
+- all initialisation in `init_weights`; optional activation checkpointing per block.
 
 Pure PyTorch: no Ray, DeepSpeed or MLflow here. Distribution is applied from outside.
 """
@@ -16,107 +22,92 @@ Pure PyTorch: no Ray, DeepSpeed or MLflow here. Distribution is applied from out
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from model.config import ModelConfig, flops_per_token
 from model.kv_cache import KVCache
+from model.layers import Rotary, alibi_slopes, apply_rotary, causal_mask, make_norm, sinusoidal_positions
+
+
+# SDPA broadcasts key/value heads itself from torch 2.5 on (without copying them n_head / n_kv_head times).
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass
-class ModelConfig:
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int | None = None  # default 4 * d_model
-    max_seq_len: int = 256
-    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
-    dropout: float = 0.0
-    bias: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        assert self.d_model % self.n_head == 0, f"d_model {self.d_model} not divisible by n_head {self.n_head}"
-        assert self.pos_encoding in ("learned", "sinusoidal"), f"unknown pos_encoding {self.pos_encoding}"
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...). positions: (T,) -> (T, dim)."""
-    half = dim // 2
-    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * freq[None, :]  # (T, half)
-    pe = torch.zeros(positions.shape[0], dim, device=positions.device)
-    pe[:, 0 : 2 * half : 2] = torch.sin(angles)
-    pe[:, 1 : 2 * half : 2] = torch.cos(angles)
-    return pe
+class AttentionInputs:
+    """What every layer's attention needs in one forward pass, computed once for all layers."""
+    mask: torch.Tensor | None  # bool (B|1, 1, T, S) or additive (B|1, n_head, T, S)
+    is_causal: bool
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B|1, 1, T, head_dim)
+    kv_cache: KVCache | None
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_head, self.head_dim = layer, cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # One matmul for q, k and v: rows [q heads | k heads | v heads].
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        mask, causal = None, True
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)  # (B, n_head, start + T, head_dim)
-            if start > 0:
-                # Query i sits at absolute position start + i and may see keys 0..start+i.
-                # (is_causal would align the mask to the top-left corner, which is wrong here.)
-                causal = False
-                if T > 1:
-                    S = k.shape[2]
-                    mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        hd, kv = self.head_dim, self.n_kv_head
+        q, k, v = self.qkv(x).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, kv, hd).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, kv, hd).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        if inputs.rope is not None:
+            q, k = apply_rotary(q, *inputs.rope), apply_rotary(k, *inputs.rope)
+        if inputs.kv_cache is not None:
+            k, v = inputs.kv_cache.update(self.layer, k, v)  # (B, n_kv_head, S, head_dim)
+        gqa = {}
+        if kv != self.n_head:  # each group of n_head / n_kv_head query heads shares one key/value head
+            if _SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = (t.repeat_interleave(self.n_head // kv, dim=1) for t in (k, v))  # (B, n_head, S, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0, **gqa)  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, n_head * head_dim)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.kind = cfg.mlp
+        # SwiGLU's gate and up projections share one matmul: rows [gate | up].
+        self.fc = nn.Linear(cfg.d_model, (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return F.dropout(self.proj(h), self.dropout, self.training)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), inputs)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -129,15 +120,18 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied unembedding
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.rotary = Rotary(cfg) if cfg.pos_encoding == "rope" else None
+        self.slopes = alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None
         self.init_weights()
 
     def init_weights(self) -> None:
-        """All initialisation in one place: N(0, std), zero biases, and residual
-        output projections scaled by 1/sqrt(2 * n_layer) (GPT-2) so the residual
-        stream's variance does not grow with depth."""
+        """All initialisation in one place: N(0, std) for every matrix (embeddings, projections,
+        a separate unembedding), zero biases, unit norm gains, and residual output projections
+        scaled by 1/sqrt(2 * n_layer) (GPT-2) so the residual stream's variance does not grow with depth."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
@@ -145,37 +139,71 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std * scale)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-            else:  # LayerNorm weights
+            else:  # norm gains
                 nn.init.ones_(p)
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids. Returns the mean cross-entropy if targets are given, else logits (B, T, vocab)."""
-        B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        x = self.tok_emb(idx)  # (B, T, C)
-        x = x + self.position_embedding(start, T, idx.device)  # (T, C) broadcast over B
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (see `model.config.flops_per_token`)."""
+        return flops_per_token(self.config, seq_len=seq_len)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns the mean cross-entropy (targets of -1 are ignored)
+        if targets are given, else logits (B, T, vocab). attention_mask: (B, T), 0 at left padding."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask))  # (B, T, vocab)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def position_embedding(self, start: int, T: int, device: torch.device) -> torch.Tensor:
-        positions = torch.arange(start, start + T, device=device)
+    def hidden_states(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm output (B, T, C), before the unembedding (decoding unembeds only the last position)."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        positions, key_valid = self._positions(T, kv_cache, attention_mask, idx.device)  # (B|1, T), (B, S) | None
+        x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             assert start + T <= self.config.max_seq_len, (
                 f"position {start + T - 1} is beyond the learned table of {self.config.max_seq_len}")
-            return self.pos_emb(positions)
-        return sinusoidal_positions(positions, self.config.d_model).to(self.tok_emb.weight.dtype)
+            x = x + self.pos_emb(positions)  # (B|1, T, C)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)  # (B|1, T, C)
+        x = self.drop(x)
+        if self.slopes is not None and self.slopes.device != idx.device:
+            self.slopes = self.slopes.to(idx.device)
+        mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes,
+                                         device=idx.device, dtype=x.dtype)
+        rope = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None
+        inputs = AttentionInputs(mask=mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache)
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, inputs, use_reentrant=False) if recompute else block(x, inputs)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.ln_f(x)
+
+    @staticmethod
+    def _positions(T: int, kv_cache: KVCache | None, attention_mask: torch.Tensor | None,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if kv_cache is not None:
+            return kv_cache.positions(T, attention_mask)
+        if attention_mask is None:
+            return torch.arange(T, device=device)[None], None
+        real = attention_mask.to(device=device, dtype=torch.long)
+        return (real.cumsum(1) - 1).clamp(min=0), real.bool()  # each row counts from its first real token
 
     def supports_length(self, T: int) -> bool:
         """Whether the model can score windows of T tokens (learned tables cannot extrapolate)."""
         return self.pos_emb is None or T <= self.config.max_seq_len
+
+    def set_rope_scaling(self, kind: str, factor: float = 1.0, *, original_max_seq_len: int | None = None) -> None:
+        """Switch RoPE scaling (`none`, `linear`, `ntk`, `yarn`) in place, e.g. to evaluate past the training
+        context. No weights change; `self.config` is replaced (not mutated) and records the new scaling."""
+        assert self.rotary is not None, f"rope scaling needs pos_encoding='rope', not {self.config.pos_encoding!r}"
+        self.config = replace(self.config, rope_scaling=kind, rope_factor=factor,
+                              rope_original_max_seq_len=original_max_seq_len)
+        self.rotary = Rotary(self.config)

@@ -102,3 +102,31 @@ def test_loading_rejects_tensors_the_config_does_not_describe(tmp_path):
     save_model(tmp_path, sd, m.config)
     with pytest.raises(ValueError, match=r"blocks\.9\.attn\.qkv\.weight"):
         load_model(tmp_path)
+
+
+def test_untied_unembedding_is_saved_and_loaded(tmp_path):
+    m = tiny("rope", tie_embeddings=False, norm="rmsnorm", mlp="swiglu", n_kv_head=2)
+    sd = state_dict_for_save(m)
+    assert "lm_head.weight" in sd and "lm_head.weight" not in state_dict_for_save(tiny())  # tied: dropped
+    save_model(tmp_path, sd, m.config)
+    loaded, _ = load_model(tmp_path)
+    assert loaded.config == m.config and loaded.lm_head.weight is not loaded.tok_emb.weight
+    idx = torch.randint(0, 97, (2, 11))
+    assert torch.equal(loaded(idx), m(idx))
+
+
+def test_a_model_json_from_before_the_new_fields_loads_as_the_same_model(tmp_path):
+    import json
+
+    m = tiny("sinusoidal")
+    save_model(tmp_path, state_dict_for_save(m), m.config)
+    old_fields = ["vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "pos_encoding", "dropout", "bias",
+                  "norm_eps", "init_std"]
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["model_config"] = {k: meta["model_config"][k] for k in old_fields}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    loaded, _ = load_model(tmp_path)
+    cfg = loaded.config
+    assert (cfg.norm, cfg.mlp, cfg.tie_embeddings, cfg.n_kv_head) == ("layernorm", "gelu", True, 4)
+    idx = torch.randint(0, 97, (1, 9))
+    assert torch.equal(loaded(idx), m(idx))

@@ -1,0 +1,114 @@
+"""The model's configuration, and the arithmetic that needs nothing but the configuration.
+
+`ModelConfig` is what `model.json` stores next to the weights, so its field names
+and defaults are a file format: a new field gets a default that reproduces the
+model as it was before the field existed (learned positions, LayerNorm, exact
+GELU, tied unembedding, one KV head per query head). `param_count` counts
+parameters from the config alone (the presets table and the FLOPs estimate use it
+without building a model); `flops_per_token` is the training cost used for MFU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4  # query heads
+    d_model: int = 128  # residual stream width; head_dim = d_model // n_head
+    d_ff: int | None = None  # MLP hidden width; default 4 * d_model (GELU) or ~8/3 * d_model (SwiGLU)
+    max_seq_len: int = 256  # training context; the size of a learned position table
+    pos_encoding: str = "learned"  # learned | sinusoidal | rope | alibi | none
+    dropout: float = 0.0  # embedding, attention-probability and residual dropout (training only)
+    bias: bool = True  # biases in every linear layer and in LayerNorm
+    norm_eps: float = 1e-5
+    init_std: float = 0.02  # N(0, init_std); residual output projections get init_std / sqrt(2 * n_layer)
+    n_kv_head: int | None = None  # key/value heads: n_head (multi-head), a divisor (grouped-query), 1 (multi-query)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu (exact erf) | gelu_tanh (GPT-2's tanh approximation) | swiglu (LLaMA)
+    tie_embeddings: bool = True  # unembedding shares the token-embedding matrix
+    rope_theta: float = 10000.0  # RoPE base wavelength
+    rope_scaling: str = "none"  # none | linear (position interpolation) | ntk (NTK-aware base) | yarn
+    rope_factor: float = 1.0  # context extension factor for rope_scaling
+    rope_original_max_seq_len: int | None = None  # context the RoPE was trained at (yarn); default max_seq_len
+    activation_checkpointing: bool = False  # recompute each block in the backward pass (training mode only)
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
+        _check(self.n_layer > 0 and self.n_head > 0, "n_layer/n_head", f"must be > 0, got {self.n_layer}/{self.n_head}")
+        _check(self.d_model % self.n_head == 0, "d_model", f"{self.d_model} is not divisible by n_head {self.n_head}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _check(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0, "n_kv_head",
+               f"{self.n_kv_head} must divide n_head {self.n_head}")
+        _check(self.pos_encoding in POS_ENCODINGS, "pos_encoding", f"{self.pos_encoding!r} is not one of {POS_ENCODINGS}")
+        _check(self.norm in NORMS, "norm", f"{self.norm!r} is not one of {NORMS}")
+        _check(self.mlp in MLPS, "mlp", f"{self.mlp!r} is not one of {MLPS}")
+        _check(self.rope_scaling in ROPE_SCALINGS, "rope_scaling", f"{self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        _check(self.rope_factor >= 1.0, "rope_factor", f"must be >= 1, got {self.rope_factor}")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.pos_encoding == "rope":
+            _check(self.head_dim % 2 == 0, "d_model", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.d_ff is None:
+            # SwiGLU has three matrices instead of two: 8/3 * d keeps the MLP's parameters at ~8 d^2 (LLaMA),
+            # rounded up to a multiple of 64 for friendly matmul shapes.
+            self.d_ff = 4 * self.d_model if self.mlp != "swiglu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def rope_original_len(self) -> int:
+        return self.rope_original_max_seq_len or self.max_seq_len
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{field}: {message}")
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of `GPT(cfg)`, counted from the config alone (a tied matrix counts once)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    b = int(cfg.bias)
+    qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * hd
+    attn = d * qkv_out + b * qkv_out + cfg.n_head * hd * d + b * d
+    up = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+    mlp = d * up + b * up + cfg.d_ff * d + b * d
+    total = cfg.vocab_size * d + cfg.n_layer * (2 * norm + attn + mlp) + norm
+    total += cfg.max_seq_len * d if cfg.pos_encoding == "learned" else 0
+    total += 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None) -> int:
+    """Training FLOPs (forward + backward) per token at context `seq_len` (default max_seq_len).
+
+    6N + 12 * n_layer * d_model * seq_len, as in the PaLM paper (appendix B) and the
+    Chinchilla paper (appendix F): 2 FLOPs per multiply-add in the forward pass and
+    twice that in the backward pass over every parameter that takes part in a matmul,
+    plus the attention scores and the weighted sum of values (QK^T and AV: 2 * 2 *
+    n_layer * seq_len * d_model forward, x3 with the backward pass; the causal mask
+    is not discounted, as in both papers). N excludes embedding *lookups* (the
+    position table, and the token table when the unembedding is a separate matrix)
+    and includes the unembedding matmul. MFU = tokens/s * flops_per_token / peak FLOP/s.
+    """
+    T = seq_len if seq_len is not None else cfg.max_seq_len
+    lookups = (cfg.max_seq_len * cfg.d_model if cfg.pos_encoding == "learned" else 0)
+    lookups += 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    n_matmul = param_count(cfg) - lookups
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * T

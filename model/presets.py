@@ -1,0 +1,40 @@
+"""Named model sizes: `preset("gpt2-small", vocab_size=4096)` is a `ModelConfig`.
+
+Each entry of `PRESETS` holds the keyword arguments of a `ModelConfig`, so an
+override such as `d_model=` composes with the preset's other choices rather than
+editing a finished config. The GPT-2 entries match OpenAI's released shapes
+(learned positions, LayerNorm, tanh GELU, biases, tied unembedding); the LLaMA
+entries are the small research sizes used in the literature (RoPE, RMSNorm,
+SwiGLU, no biases, a separate unembedding, the 32k LLaMA vocabulary);
+`demo` is the model of `configs/demo.yaml`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model.config import ModelConfig
+
+_GPT2: dict[str, Any] = dict(vocab_size=50257, max_seq_len=1024, pos_encoding="learned", norm="layernorm",
+                             mlp="gelu_tanh", bias=True, tie_embeddings=True)
+_LLAMA: dict[str, Any] = dict(vocab_size=32000, pos_encoding="rope", norm="rmsnorm", norm_eps=1e-6, mlp="swiglu",
+                              bias=False, tie_embeddings=False, rope_theta=10000.0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-small": {**_GPT2, "n_layer": 12, "n_head": 12, "d_model": 768},  # 124M
+    "gpt2-medium": {**_GPT2, "n_layer": 24, "n_head": 16, "d_model": 1024},  # 355M
+    "llama-60m": {**_LLAMA, "n_layer": 8, "n_head": 8, "d_model": 512, "d_ff": 1376, "max_seq_len": 1024},  # GaLore's 60M
+    "llama-160m": {**_LLAMA, "n_layer": 12, "n_head": 12, "d_model": 768, "d_ff": 3072, "max_seq_len": 2048},
+    "demo": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=128, max_seq_len=128, pos_encoding="learned",
+                 norm="layernorm", mlp="gelu", tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The config of a named preset, with any ModelConfig field overridden (e.g. `vocab_size=`)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(ModelConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"preset({name!r}): {sorted(unknown)} are not ModelConfig fields")
+    return ModelConfig(**{**PRESETS[name], **overrides})
