@@ -76,21 +76,50 @@ class TokenizerConfig(_Section):
 
 
 class ModelSection(_Section):
+    preset: str | None = Field(None, description="A named size (gpt2-small, gpt2-medium, llama-60m, llama-160m, demo); keys given here override it.")
     n_layer: int = Field(4, ge=1, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads.")
+    n_head: int = Field(4, ge=1, description="Attention (query) heads.")
+    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads: n_head (multi-head, default), a divisor (grouped-query), 1 (multi-query).")
     d_model: int = Field(128, ge=8, description="Residual stream width.")
-    d_ff: int | None = Field(None, ge=1, description="MLP hidden width (default 4 * d_model).")
+    d_ff: int | None = Field(None, ge=1, description="MLP hidden width (default 4 * d_model; about 8/3 * d_model for SwiGLU).")
     max_seq_len: int = Field(256, ge=2, description="Training context; the size of a learned position table.")
-    pos_encoding: Literal["learned", "sinusoidal"] = Field("learned", description="Positional encoding added to the embeddings.")
+    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = Field("learned", description="Positional encoding.")
+    rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base wavelength.")
+    rope_scaling: Literal["none", "linear", "ntk", "yarn"] = Field("none", description="RoPE context extension used in training.")
+    rope_factor: float = Field(1.0, ge=1.0, description="Context extension factor for rope_scaling.")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalisation.")
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = Field("gelu", description="MLP activation.")
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the unembedding.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, MLP and embeddings.")
     bias: bool = Field(True, description="Bias in linear layers and LayerNorm.")
-    norm_eps: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon.")
+    norm_eps: float = Field(1e-5, gt=0.0, description="Normalisation epsilon.")
+    init_std: float = Field(0.02, gt=0.0, description="Init std; residual projections get init_std / sqrt(2 * n_layer).")
+    activation_checkpointing: bool = _nf(False, "Recompute each block in the backward pass (less memory, same result).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from model import PRESETS
+
+            if data["preset"] not in PRESETS:
+                raise ValueError(f"unknown preset {data['preset']!r} (known: {', '.join(PRESETS)})")
+            base = {k: v for k, v in PRESETS[data["preset"]].items() if k != "vocab_size"}  # the tokenizer sets the vocab
+            return {**base, **data}
+        return data
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelSection:
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+    def _buildable(self) -> ModelSection:
+        from model import ModelConfig
+
+        try:  # the model's own checks (head divisibility, KV heads, ...) before any work starts
+            ModelConfig(vocab_size=256, **self.model_config_fields())
+        except (ValueError, AssertionError) as e:
+            raise ValueError(str(e)) from None
         return self
+
+    def model_config_fields(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"preset"})
 
 
 class TrainConfig(_Section):

@@ -63,7 +63,7 @@ def test_batch_sizes_must_divide(tmp_path):
 
 def test_heads_must_divide_width(tmp_path):
     raw = tiny_raw(tmp_path, tmp_path, model={"d_model": 30, "n_head": 4})
-    with pytest.raises(ConfigError, match=r"model: .*d_model \(30\) must be divisible by n_head \(4\)"):
+    with pytest.raises(ConfigError, match=r"model: ModelConfig.d_model: 30 is not divisible by n_head 4"):
         parse_config(raw)
 
 
@@ -78,3 +78,19 @@ def test_cross_field_errors_read_as_one_clean_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(raw, source="x.yaml")
     assert str(e.value) == "x.yaml: train.warmup_steps (50) exceeds train.steps (10)"
+
+
+def test_a_model_preset_fills_in_unset_keys_and_explicit_keys_win(tmp_path):
+    raw = tiny_raw(tmp_path, tmp_path)
+    raw["model"] = {"preset": "llama-60m", "n_layer": 2, "max_seq_len": 64}
+    cfg = parse_config(raw)
+    m = cfg.model
+    assert (m.pos_encoding, m.norm, m.mlp, m.tie_embeddings, m.d_model) == ("rope", "rmsnorm", "swiglu", False, 512)
+    assert m.n_layer == 2 and m.max_seq_len == 64
+    with pytest.raises(ConfigError, match=r"model: .*unknown preset 'gpt5'"):
+        parse_config(tiny_raw(tmp_path, tmp_path, model={"preset": "gpt5"}))
+
+
+def test_the_model_checks_run_at_config_time(tmp_path):
+    with pytest.raises(ConfigError, match=r"model: .*n_kv_head"):
+        parse_config(tiny_raw(tmp_path, tmp_path, model={"n_head": 4, "n_kv_head": 3}))

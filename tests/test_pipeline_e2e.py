@@ -100,11 +100,14 @@ def test_demo_flow_trains_caches_reruns_single_stages_and_tracks(ray_local, trac
     assert "train      stale (train.lr: 0.001 -> 0.0005)" in status and "tokenizer  cached" in status
 
 
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_two_worker_deepspeed_training_on_cpu_for_zero_stage(ray_local, tracking_uri, config_file, capsys, zero_stage):
+LLAMA_STYLE = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "tie_embeddings": False, "bias": False}
+
+
+@pytest.mark.parametrize("zero_stage,model", [(1, {}), (3, LLAMA_STYLE)], ids=["zero1-gpt", "zero3-llama"])
+def test_two_worker_deepspeed_training_on_cpu_for_zero_stage(ray_local, tracking_uri, config_file, capsys, zero_stage, model):
     from model import load_model
 
-    cfg = config_file(train={"zero_stage": zero_stage, "steps": 4, "checkpoint_every": 2})
+    cfg = config_file(train={"zero_stage": zero_stage, "steps": 4, "checkpoint_every": 2}, model=model)
     assert cli.main(["run", cfg, "--dry-run"]) == 0
     assert _ran(capsys.readouterr().out) == []
     assert cli.main(["run", cfg]) == 0
@@ -112,8 +115,15 @@ def test_two_worker_deepspeed_training_on_cpu_for_zero_stage(ray_local, tracking
     assert "[train] committed" in out
     root = Path(yaml.safe_load(open(cfg))["store"]["root"])
     (train_dir,) = (root / "train").iterdir()
-    model, meta = load_model(train_dir)
-    assert meta["step"] == 4 and model.num_params > 0
+    loaded, meta = load_model(train_dir)
+    assert meta["step"] == 4 and loaded.num_params > 0
+    assert all(getattr(loaded.config, k) == v for k, v in model.items())  # the architecture asked for is the one trained
+    losses = [json.loads((d / "train_state.json").read_text())["metrics"]["train/loss"]
+              for d in sorted((train_dir / "ray_train").glob("step_*"))]
+    assert losses[-1] < losses[0]  # two steps more of training lowered the loss
+    ev = json.loads(next((root / "evaluate").glob("*/eval.json")).read_text())
+    beyond = next(r for r in ev["lengths"] if r["multiplier"] == 2.0)
+    assert beyond["supported"] == (model.get("pos_encoding") == "rope")  # RoPE extrapolates, learned tables refuse
     ckpts = sorted(p.name for p in (train_dir / "ray_train").glob("step_*"))
     assert ckpts == ["step_00000002", "step_00000004"]
     # every rank's ZeRO optimizer shard was kept in the merged checkpoint

@@ -32,7 +32,7 @@ def seq_len(cfg: Config) -> int:
 
 
 def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
-    return {**cfg.model.model_dump(mode="json"), "vocab_size": vocab_size}
+    return {**cfg.model.model_config_fields(), "vocab_size": vocab_size}
 
 
 def _section(cfg: Config) -> dict[str, Any]:
