@@ -94,7 +94,7 @@ def run_pipeline(corpus: str, tokenizer: str, out: str, defaults: bool) -> float
     from pipeline.tracking import NullTracker
     from pipeline.workflow import StageContext, Upstream
 
-    data = {"inputs": [corpus], "shard_size_mb": 0.5, "val_fraction": 0.05}
+    data = {"inputs": [corpus], "shard_size_mb": float(os.environ.get("BENCH_SHARD_MB", "0.5")), "val_fraction": 0.05}
     if not defaults:
         data.update(normalize="none", dedup=False)
     cfg = parse_config({"name": "bench", "data": data})
