@@ -26,6 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000
+_KIND_TAG = "mlflow.experimentKind"
 _BATCH = 100
 
 
@@ -53,6 +54,9 @@ class Tracker:
         self.client = MlflowClient(self.tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is None or _KIND_TAG not in exp.tags:
+            # MLflow 3's UI opens untagged experiments in its GenAI view; this is model training.
+            self.client.set_experiment_tag(self.experiment_id, _KIND_TAG, "custom_model_development")
         self.parent_id: str | None = None
 
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:

@@ -199,7 +199,9 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
     ray_ = _Ray()
     commit = git_commit()
     base_tags = {"llmpipe.config": cfg.name, **({"mlflow.source.git.commit": commit} if commit else {})}
-    parent = tracker.start_parent(cfg.name, flatten(cfg.model_dump(mode="json")), base_tags)
+    ran = [it.stage.name for it in items if it.run]
+    run_name = f"{cfg.name}: {', '.join(ran) if ran else 'all cached'}"  # tells invocations apart in the runs list
+    parent = tracker.start_parent(run_name, flatten(cfg.model_dump(mode="json")), base_tags)
     if parent:
         echo(f"MLflow: experiment {cfg.experiment_name!r}, parent run {parent} ({tracker.tracking_uri})")
     manifests: dict[str, dict[str, Any]] = {}

@@ -176,3 +176,13 @@ def test_commit_writes_the_marker_last_with_the_file_list(tmp_path):
     assert m["files"] == [{"path": "sub/a.bin", "size": 4}]
     assert store.manifest("s", "ab" * 32)["stage"] == "s"
     assert not list(work.glob(".*tmp"))
+
+
+def test_the_mlflow_experiment_opens_as_model_training(tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    Tracker("kind-test")
+    exp = MlflowClient(tracking_uri).get_experiment_by_name("kind-test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
