@@ -1,9 +1,11 @@
-"""The command line: `llmpipe run|status CONFIG [KEY.PATH=VALUE ...]`.
+"""The command line: `llmpipe run|status CONFIG [KEY.PATH=VALUE ...]`, and the tools for a trained model:
+`generate` (sample from it), `export-hf` (a Hugging Face folder) and `compare` (evaluation metrics side by side).
 
-Known errors (config, input data, workflow requests, store, training) become
-one line on stderr and exit code 2; anything else is a bug and keeps its
-traceback. The config is fully validated, and every fingerprint computed,
-before any work starts.
+Known errors (config, input data, workflow requests, store, training, a folder
+or run id that leads to no model) become one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback. For `run` and `status` the
+config is fully validated, and every fingerprint computed, before any work
+starts. The tools take a stage folder or an MLflow run id (see `pipeline.runs`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import os
 import sys
 
 from pipeline.config import ConfigError, load_config
+from pipeline.runs import TargetError
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.workflow import WorkflowError, execute, plan
 from tokenization.readers import InputError
 
-KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError)
+KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError)
+TOOLS = ("generate", "export-hf", "compare")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,12 +39,42 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show each stage as cached, stale (with the changed keys) or missing")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
+    _tool_parsers(sub)
     return p
+
+
+def _tool_parsers(sub: argparse._SubParsersAction) -> None:
+    target = "a train/evaluate/decode stage folder, or the MLflow run id of such a stage or of a parent run"
+    g = sub.add_parser("generate", help="sample completions from a trained model")
+    g.add_argument("target", help=target)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0 turns top-k off")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eos-token", default="<|endoftext|>", help="stop at this token")
+    e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2 or LLaMA folder")
+    e.add_argument("target", help=target)
+    e.add_argument("out", help="the folder to write")
+    e.add_argument("--eos-token", default="<|endoftext|>")
+    c = sub.add_parser("compare", help="evaluation metrics of several runs side by side")
+    c.add_argument("runs", nargs="*", help="evaluate child runs or parent runs (MLflow run ids)")
+    c.add_argument("--experiment", help="compare the newest evaluation of every distinct config in this experiment")
+    c.add_argument("--metrics", action="append", default=[], metavar="GLOB", help="only these metrics, e.g. 'ppl_ctx_*'")
+    for tool in (g, e, c):
+        tool.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("LLMPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if args.command in TOOLS:
+        return _run_tool(args)
     from pipeline.stages import STAGES
     from pipeline.stages.train import TrainingError
 
@@ -72,3 +106,66 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmpipe: interrupted", file=sys.stderr)
         return 130
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    try:
+        {"generate": _generate, "export-hf": _export_hf, "compare": _compare}[args.command](args)
+        return 0
+    except KNOWN_ERRORS as e:
+        print(f"llmpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from model import load_model
+    from pipeline.generation import SamplingOptions, complete
+    from pipeline.runs import resolve_model_dir
+    from tokenization.bpe import load_tokenizer
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or args.num_beams < 1 or args.num_samples < 1:
+        raise ConfigError("generate: --max-new-tokens, --num-beams and --num-samples must be >= 1, --temperature >= 0")
+    try:
+        opts = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                               length_penalty=args.length_penalty, num_samples=args.num_samples, seed=args.seed)
+    except ValueError as e:
+        raise ConfigError(f"generate: {e}") from None
+    folder = resolve_model_dir(args.target, tracking_uri=args.tracking_uri)
+    model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+    for r in complete(model, load_tokenizer(folder / "tokenizer.json"), args.prompt, opts, eos_token=args.eos_token):
+        print(f"--- prompt {r['prompt']!r}, sample {r['sample']}: {r['new_tokens']} tokens, "
+              f"log-likelihood {r['log_likelihood']:.2f}, {r['tokens_per_s']:.0f} tokens/s")
+        print(r["prompt"] + r["completion"])
+
+
+def _export_hf(args: argparse.Namespace) -> None:
+    from model import export_hf, load_model
+    from model.hf import hf_family
+    from pipeline.runs import resolve_model_dir
+    from tokenization.bpe import load_tokenizer
+
+    folder = resolve_model_dir(args.target, tracking_uri=args.tracking_uri)
+    model, _ = load_model(folder)
+    try:
+        family = hf_family(model.config)
+    except ValueError as e:
+        raise TargetError(f"export-hf: {folder}: {e}") from None
+    eos = load_tokenizer(folder / "tokenizer.json").token_to_id(args.eos_token)
+    export_hf(model, args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos)
+    print(f"exported {folder} as a Hugging Face {family} model to {args.out}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from pipeline.compare import comparison_table, evaluate_runs, experiment_evaluate_runs
+
+    if bool(args.runs) == bool(args.experiment):
+        raise ConfigError("compare: give run ids or --experiment NAME (not both)")
+    runs = (experiment_evaluate_runs(args.experiment, tracking_uri=args.tracking_uri) if args.experiment
+            else evaluate_runs(args.runs, tracking_uri=args.tracking_uri))
+    print(comparison_table(runs, metrics=args.metrics, tracking_uri=args.tracking_uri))

@@ -126,17 +126,28 @@ class TrainConfig(_Section):
     steps: int = Field(200, ge=1, description="Optimizer steps (the step budget; no epochs).")
     seq_len: int | None = Field(None, ge=2, description="Training window (default model.max_seq_len).")
     global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step across all workers.")
+    global_batch_tokens: int | None = Field(None, ge=1, description="If set, the global batch in tokens; global_batch_size = this / seq_len.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     min_lr: float = Field(1e-4, ge=0.0, description="Learning rate at the end of the cosine decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = Field("cosine", description="After warmup: cosine or linear decay to min_lr, constant, or warmup-stable-decay.")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: the final fraction of the steps that decays linearly to min_lr.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0 disables).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
     seed: int = Field(1337, description="Seed for init, data order and dropout.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and step) on the CPU; needs zero_stage >= 1.")
+    offload_params: bool = Field(False, description="ZeRO-Infinity style parameter offload to the CPU; needs zero_stage 3.")
+    init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
+    eval_tokens: int = Field(32768, ge=1, description="Validation tokens scored each time.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON merged last (escape hatch).")
+    peak_tflops: float | None = _nf(None, "Peak TFLOP/s per worker for MFU (default: looked up from the GPU model).", gt=0.0)
+    log_model: bool = _nf(True, "Log the trained model to MLflow as a pyfunc text-generation model (`mlflow models serve`).")
+    registered_model_name: str | None = _nf(None, "Also register the logged model under this name in the MLflow registry.")
     num_workers: int = _nf(2, "Ray Train workers (one GPU each when GPUs are used).", ge=1)
     use_gpu: bool | None = _nf(None, "Use GPUs; default: when the Ray cluster has them.")
     cpus_per_worker: float = _nf(1.0, "CPUs per training worker.", gt=0.0)
@@ -146,27 +157,58 @@ class TrainConfig(_Section):
     log_every: int = _nf(10, "Log step metrics every N steps.", ge=1)
 
     @model_validator(mode="after")
-    def _lr_order(self) -> TrainConfig:
+    def _combinations(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1 (ZeRO partitions what it offloads)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"train.offload_params needs train.zero_stage 3, got {self.zero_stage}")
+        if self.precision == "fp16" and self.zero_stage == 0 and self.offload_optimizer:
+            raise ValueError("train.precision fp16 with offload needs ZeRO")
         return self
 
 
 class EvaluateConfig(_Section):
     max_tokens: int = Field(200_000, ge=1, description="Validation tokens scored per context length.")
-    context_multipliers: list[float] = Field([1.0], min_length=1, description="Evaluate at these multiples of the training context.")
-    batch_size: int = _nf(8, "Windows per forward pass.", ge=1)
+    context_multipliers: list[float] = Field([0.5, 1.0, 2.0, 4.0, 8.0], min_length=1,
+                                             description="Evaluate at these multiples of the training context (1.0 is always added).")
+    sliding_window: bool = Field(False, description="Score overlapping windows (every token once, with at least window - stride tokens of context).")
+    stride: int | None = Field(None, ge=1, description="Sliding-window step in tokens (default: half of each window; at most the window).")
+    rope_scalings: list[Literal["none", "linear", "ntk", "yarn"]] = Field(
+        ["none"], min_length=1, description="RoPE models: also sweep lengths past the training context with these inference-time scalings.")
+    position_buckets: int = Field(16, ge=1, description="Loss by position within the window, averaged over this many equal buckets.")
+    batch_size: int = _nf(8, "Windows of the training context per forward pass (longer windows get proportionally fewer).", ge=1)
     num_cpus: float = _nf(1.0, "CPUs for the evaluate task.", gt=0.0)
+
+    @model_validator(mode="after")
+    def _positive_multipliers(self) -> EvaluateConfig:
+        if any(m <= 0 for m in self.context_multipliers):
+            raise ValueError(f"evaluate.context_multipliers must all be > 0, got {self.context_multipliers}")
+        return self
 
 
 class DecodeConfig(_Section):
     prompts: list[str] = Field(default_factory=lambda: ["\n"], min_length=1, description="Prompts to complete.")
+    prompts_file: str | None = Field(None, description="Read the prompts from this file instead (.jsonl: a JSON string or "
+                                     "{\"prompt\": ...} per line; else one prompt per non-empty line); its content is fingerprinted.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per sample.")
     temperature: float = Field(0.8, ge=0.0, description="0 means greedy.")
     top_k: int | None = Field(50, ge=1, description="Sample from the k most likely tokens.")
-    num_samples: int = Field(1, ge=1, description="Samples per prompt.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens holding this mass.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="CTRL's penalty on tokens already seen (1 = off).")
+    num_beams: int = Field(1, ge=1, description="Beam search with this many beams when > 1 (sampling options are then unused).")
+    length_penalty: float = Field(1.0, description="Beam search: a finished beam scores log-prob / new_tokens ** length_penalty.")
+    num_samples: int = Field(1, ge=1, description="Samples per prompt (with beam search: the best num_samples beams).")
     seed: int = Field(0, description="Sampling seed.")
+    batch_size: int = _nf(16, "Sequences decoded together (left-padded) per forward pass.", ge=1)
     num_cpus: float = _nf(1.0, "CPUs for the decode task.", gt=0.0)
+
+    @model_validator(mode="after")
+    def _beams_cover_samples(self) -> DecodeConfig:
+        if self.num_beams > 1 and self.num_samples > self.num_beams:
+            raise ValueError(f"decode.num_samples ({self.num_samples}) exceeds decode.num_beams ({self.num_beams}) with beam search")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -189,6 +231,10 @@ class Config(_Section):
     def _cross_checks(self) -> Config:
         t = self.train
         seq_len = t.seq_len or self.model.max_seq_len
+        if t.global_batch_tokens is not None:
+            if t.global_batch_tokens % seq_len:
+                raise ValueError(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of the sequence length ({seq_len})")
+            object.__setattr__(t, "global_batch_size", t.global_batch_tokens // seq_len)
         if self.model.pos_encoding == "learned" and seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}) with learned positions")
         if t.global_batch_size % (t.micro_batch_size * t.num_workers):

@@ -28,25 +28,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from model import GPT, ModelConfig, save_model, state_dict_for_save
+from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_save
+from pipeline import faults
+from pipeline.checkpoints import STATE, Checkpoints
 from pipeline.config import ConfigError
 from pipeline.tracking import step_logger
+from pipeline.train_support import check_init_compatible, initial_weights, peak_flops, progress_line, validation_loss
 from tokenization.dataset import TokenWindows, sample_indices
 
 DS_TAG = "deepspeed"
-STATE = "train_state.json"
 
 
 # --- pure pieces -------------------------------------------------------------
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup to `lr`, then
+    cosine or linear decay to `min_lr` at `total_steps`, constant, or warmup-stable-decay
+    (constant until the last `decay_fraction` of the steps, then linear to `min_lr`)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "constant":
+        return lr
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))
+        if step < decay_start:
+            return lr
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return lr + (min_lr - lr) * progress
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return lr + (min_lr - lr) * progress
+    assert schedule == "cosine", f"unknown lr schedule {schedule!r}"
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -64,6 +80,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def _zero_section(train: dict[str, Any]) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": int(train["zero_stage"])}
+    if train.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if train.get("offload_params"):
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
 def deepspeed_config(train: dict[str, Any], *, world_size: int, precision: str) -> dict[str, Any]:
     """The DeepSpeed JSON for a pipeline `train` section (raw `train.deepspeed` merged last)."""
     micro, global_batch = train["micro_batch_size"], train["global_batch_size"]
@@ -75,8 +100,9 @@ def deepspeed_config(train: dict[str, Any], *, world_size: int, precision: str) 
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": global_batch // (micro * world_size),
         "gradient_clipping": float(train["grad_clip"]),
-        "zero_optimization": {"stage": int(train["zero_stage"])},
+        "zero_optimization": _zero_section(train),
         "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO (no CUDA-only fused Adam)
+        "zero_force_ds_cpu_optimizer": False,  # offload keeps our AdamW rather than requiring DeepSpeedCPUAdam
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 1 << 30,
@@ -97,7 +123,8 @@ class WorkerConfig:
     train: dict[str, Any]
     seq_len: int
     train_shards: list[str]
-    local_checkpoint_dir: str | None = None  # used when running without Ray
+    val_shards: list[str] = field(default_factory=list)
+    local_checkpoint_dir: str | None = None  # without Ray: where checkpoints go; under Ray: Ray's local storage, if any
     tracking_uri: str | None = None
     run_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # provenance written into model.json
@@ -126,34 +153,6 @@ def _init_single_process(backend: str) -> None:
         deepspeed.init_distributed(dist_backend=backend)
 
 
-class _Checkpoints:
-    """Where checkpoints go: Ray Train's storage (merged across ranks) or a local folder."""
-
-    def __init__(self, under_ray: bool, local_dir: str | None):
-        self.under_ray, self.local_dir = under_ray, local_dir
-
-    def latest(self) -> Path | None:
-        if self.under_ray:
-            import ray.train
-
-            ckpt = ray.train.get_checkpoint()
-            return Path(ckpt.path) if ckpt is not None and ckpt.filesystem.type_name == "local" else \
-                (Path(ckpt.to_directory()) if ckpt is not None else None)
-        if not self.local_dir or not Path(self.local_dir).is_dir():
-            return None
-        done = sorted(p for p in Path(self.local_dir).glob("step_*") if (p / STATE).is_file())
-        return done[-1] if done else None
-
-    def report(self, metrics: dict[str, float], folder: Path, name: str) -> None:
-        if self.under_ray:
-            import ray.train
-
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
-        elif self.local_dir:
-            dest = Path(self.local_dir) / name
-            shutil.copytree(folder, dest, dirs_exist_ok=True)
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not biases, norms)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -161,83 +160,153 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
-    cfg = WorkerConfig(**config)
-    import deepspeed
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite: training stops, the last good checkpoint is kept."""
 
-    under_ray = _in_ray_train()
-    if under_ray:
+
+def _device_and_group() -> tuple[torch.device, bool]:
+    if _in_ray_train():
         import ray.train.torch
 
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-        _init_single_process("nccl" if device.type == "cuda" else "gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return ray.train.torch.get_device(), True
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    _init_single_process("nccl" if device.type == "cuda" else "gloo")
+    return device, False
+
+
+def _build(cfg: WorkerConfig, device: torch.device, world: int) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
+    """Model (from init_from weights if given), AdamW and the DeepSpeed engine."""
+    import deepspeed
+
     t = cfg.train
     on_gpu = device.type == "cuda"
     precision = resolve_precision(t["precision"], on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
-
     torch.manual_seed(t["seed"])
-    model = GPT(ModelConfig(**cfg.model)).to(device)
+    model = GPT(ModelConfig(**cfg.model))
+    if t.get("init_from"):
+        init_config, state_dict = initial_weights(t["init_from"])
+        check_init_compatible(init_config, cfg.model, t["init_from"])
+        model.load_state_dict(state_dict, strict=False)  # strict=False only for a tied lm_head.weight
+    model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, t["weight_decay"]), lr=t["lr"], betas=tuple(t["betas"]), eps=1e-8)
     ds_config = deepspeed_config(t, world_size=world, precision=precision)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, ds_config
+
+
+def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int) -> int:
+    """The step to start from: that of the newest registered checkpoint, else 0."""
+    latest = checkpoints.latest()
+    if latest is None:
+        return 0
+    state = json.loads((latest / STATE).read_text())
+    _check_compatible(state, cfg, latest)
+    load_path, _ = engine.load_checkpoint(str(latest), tag=DS_TAG)
+    # DeepSpeed treats a missing checkpoint as "start from scratch"; a run that has one must never do that.
+    assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
+    print(f"[rank {rank}] resumed from {latest} at step {state['step']}", flush=True)
+    return int(state["step"])
+
+
+def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, gas: int, device: torch.device,
+              step: int) -> torch.Tensor:
+    """Forward/backward over the accumulation micro-batches; returns this rank's summed loss."""
+    loss_sum = torch.zeros((), device=device)
+    for m in range(gas):
+        batch = torch.from_numpy(data.batch(idx[m * micro : (m + 1) * micro])).to(device)  # (micro, T+1)
+        loss = engine(batch[:, :-1], batch[:, 1:])
+        if faults.triggered("train.nan", step + 1):
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float()
+    return loss_sum
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    cfg = WorkerConfig(**config)
+    device, under_ray = _device_and_group()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    t = cfg.train
+    engine, optimizer, ds_config = _build(cfg, device, world)
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-
-    checkpoints = _Checkpoints(under_ray, cfg.local_checkpoint_dir)
-    start_step = 0
-    if (latest := checkpoints.latest()) is not None:
-        state = json.loads((latest / STATE).read_text())
-        _check_compatible(state, cfg, latest)
-        load_path, _ = engine.load_checkpoint(str(latest), tag=DS_TAG)
-        assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
-        start_step = int(state["step"])
-        print(f"[rank {rank}] resumed from {latest} at step {start_step}", flush=True)
-
+    checkpoints = Checkpoints(under_ray, cfg.local_checkpoint_dir)
+    start_step = _resume(engine, checkpoints, cfg, rank)
     data = TokenWindows(cfg.train_shards, cfg.seq_len)
+    val = TokenWindows(cfg.val_shards, cfg.seq_len) if t.get("eval_every") and cfg.val_shards else None
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
-    tokens_per_step = t["global_batch_size"] * cfg.seq_len
-    steps = t["steps"]
-    last: dict[str, float] = {}
-    steady_time, steady_steps = 0.0, 0  # steps after the first one this process ran (warm-up excluded)
+    rates = _Rates(cfg, device, world)
+    steps, last = t["steps"], {}
+    t_start = time.perf_counter()
     for step in range(start_step, steps):
         t0 = time.perf_counter()
-        lr = lr_at(step, lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"], total_steps=steps)
+        lr = lr_at(step, lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"], total_steps=steps,
+                   schedule=t.get("lr_schedule", "cosine"), decay_fraction=t.get("decay_fraction", 0.2))
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = sample_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
                              num_windows=len(data), seed=t["seed"])
-        loss_sum = torch.zeros((), device=device)
-        for m in range(gas):
-            batch = torch.from_numpy(data.batch(idx[m * micro : (m + 1) * micro])).to(device)  # (micro, T+1)
-            loss = engine(batch[:, :-1], batch[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
+        loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step)
         torch.distributed.all_reduce(loss_sum)
         loss_avg = loss_sum.item() / (gas * world)
-        dt = time.perf_counter() - t0
-        if step > start_step:
-            steady_time, steady_steps = steady_time + dt, steady_steps + 1
-        grad_norm = engine.get_global_grad_norm()
-        last = {"train/loss": loss_avg, "train/lr": lr, "train/tokens_per_s": tokens_per_step / dt,
-                "train/step_time_s": dt, "train/tokens": float((step + 1) * tokens_per_step)}
-        if grad_norm is not None:
-            last["train/grad_norm"] = float(grad_norm)
         done = step + 1
+        if not math.isfinite(loss_avg) and not (engine.fp16_enabled() and not engine.was_step_applied()):
+            raise NonFiniteLoss(f"train: loss is {loss_avg} at step {done}; stopping (checkpoints up to step "
+                                f"{done - done % t['checkpoint_every']} are kept)")
+        last = rates.metrics(loss_avg, lr, time.perf_counter() - t0, done, first=step == start_step,
+                             grad_norm=engine.get_global_grad_norm())
+        if val is not None and (done % t["eval_every"] == 0 or done == steps):
+            last["train/val_loss"] = validation_loss(engine, val, rank=rank, world=world, max_tokens=t["eval_tokens"],
+                                                     micro=micro, device=device)
         if done % t["log_every"] == 0 or done == steps or step == start_step:
             logger.log_metrics(last, step=done)
+            if rank == 0:
+                print(progress_line(done, steps, last, time.perf_counter() - t_start, start_step), flush=True)
         if done % t["checkpoint_every"] == 0 or done == steps:
             _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last)
+            faults.maybe_fail("train.step", done)
     if start_step >= steps:  # resumed from the final checkpoint: re-report it so the driver can read it
         _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last)
-    if steady_steps:
-        last["train/steady_tokens_per_s"] = tokens_per_step * steady_steps / steady_time
-    return last
+    return {**last, **rates.summary()}
 
 
-def _save(engine: Any, checkpoints: _Checkpoints, cfg: WorkerConfig, step: int, *, final: bool, rank: int,
+class _Rates:
+    """Throughput, MFU and memory for the step metrics (first step of a process excluded from the summary)."""
+
+    def __init__(self, cfg: WorkerConfig, device: torch.device, world: int):
+        self.tokens_per_step = cfg.train["global_batch_size"] * cfg.seq_len
+        self.samples_per_step = cfg.train["global_batch_size"]
+        self.flops_per_token = flops_per_token(ModelConfig(**cfg.model), seq_len=cfg.seq_len)
+        peak = peak_flops(device, cfg.train.get("peak_tflops"))
+        self.peak_total = peak * world if peak else None
+        self.device = device
+        self.steady_time, self.steady_steps = 0.0, 0
+
+    def metrics(self, loss: float, lr: float, dt: float, done: int, *, first: bool, grad_norm: Any) -> dict[str, float]:
+        if not first:
+            self.steady_time, self.steady_steps = self.steady_time + dt, self.steady_steps + 1
+        tps = self.tokens_per_step / dt
+        m = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps, "train/samples_per_s": self.samples_per_step / dt,
+             "train/step_time_s": dt, "train/tokens": float(done * self.tokens_per_step)}
+        if grad_norm is not None:
+            m["train/grad_norm"] = float(grad_norm)
+        if self.peak_total:
+            m["train/mfu"] = tps * self.flops_per_token / self.peak_total
+        if self.device.type == "cuda":
+            m["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return m
+
+    def summary(self) -> dict[str, float]:
+        if not self.steady_steps:
+            return {}
+        tps = self.tokens_per_step * self.steady_steps / self.steady_time
+        out = {"train/steady_tokens_per_s": tps}
+        if self.peak_total:
+            out["train/steady_mfu"] = tps * self.flops_per_token / self.peak_total
+        return out
+
+
+def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *, final: bool, rank: int,
           metrics: dict[str, float]) -> None:
     """Every rank writes its DeepSpeed shards; rank 0 adds the step state (and, at the end,
     the consolidated model); the report merges all ranks' files into one checkpoint folder."""
@@ -252,7 +321,7 @@ def _save(engine: Any, checkpoints: _Checkpoints, cfg: WorkerConfig, step: int, 
             (tmp / STATE).write_text(json.dumps({"step": step, "final": final, "metrics": metrics, "model": cfg.model,
                                                  "world_size": torch.distributed.get_world_size(),
                                                  "global_batch_size": cfg.train["global_batch_size"]}))
-        checkpoints.report({**metrics, "step": step}, tmp, f"step_{step:08d}")
+        checkpoints.report({**metrics, "step": step}, tmp, f"step_{step:08d}", rank)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

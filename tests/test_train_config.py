@@ -41,3 +41,47 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert lr_at(110, **kw) == pytest.approx(0.1)
     values = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.8875, 0.775, 0.6625, 0.55, 0.4375, 0.325, 0.2125]),
+    ("wsd", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.4]),
+])
+def test_lr_schedules(schedule, expected):
+    got = [lr_at(s, lr=1.0, min_lr=0.1, warmup_steps=2, total_steps=10, schedule=schedule, decay_fraction=0.3) for s in range(10)]
+    assert got == pytest.approx(expected)
+
+
+def test_offload_goes_into_the_zero_section_and_impossible_combinations_are_config_errors(tmp_path):
+    from pipeline.config import parse_config
+    from tests.conftest import tiny_raw
+
+    ds = deepspeed_config({**TRAIN, "zero_stage": 3, "offload_optimizer": True, "offload_params": True}, world_size=2, precision="fp32")
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    with pytest.raises(ConfigError, match="train.offload_params needs train.zero_stage 3, got 2"):
+        parse_config(tiny_raw(tmp_path, tmp_path, train={"offload_params": True, "zero_stage": 2}))
+    with pytest.raises(ConfigError, match="train.offload_optimizer needs train.zero_stage >= 1"):
+        parse_config(tiny_raw(tmp_path, tmp_path, train={"offload_optimizer": True, "zero_stage": 0}))
+
+
+def test_a_global_batch_in_tokens_sets_the_batch_in_sequences(tmp_path):
+    from pipeline.config import parse_config
+    from tests.conftest import tiny_raw
+
+    cfg = parse_config(tiny_raw(tmp_path, tmp_path, train={"global_batch_tokens": 512}))  # seq_len 32
+    assert cfg.train.global_batch_size == 16
+    with pytest.raises(ConfigError, match=r"global_batch_tokens \(500\) must be a multiple of the sequence length \(32\)"):
+        parse_config(tiny_raw(tmp_path, tmp_path, train={"global_batch_tokens": 500}))
+
+
+def test_mfu_uses_the_configured_peak_and_the_progress_line_reads_well():
+    import torch
+
+    from pipeline.train_support import peak_flops, progress_line
+
+    assert peak_flops(torch.device("cpu"), None) is None and peak_flops(torch.device("cpu"), 2.0) == 2e12
+    line = progress_line(120, 500, {"train/loss": 4.8123, "train/lr": 1.9e-3, "train/tokens_per_s": 12345.0, "train/mfu": 0.4},
+                         elapsed_s=60.0, done_before=0)
+    assert line == "step 120/500 (24%) loss 4.8123 lr 1.90e-03 12.3k tok/s MFU 40.0% ETA 3m10s"

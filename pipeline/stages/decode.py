@@ -1,68 +1,106 @@
-"""Stage `decode`: complete the configured prompts with the trained model (KV cache).
+"""Stage `decode`: complete the configured prompts with the trained model and record what came out.
 
-Greedy when `decode.temperature` is 0, else temperature + top-k sampling,
-seeded. Writes `samples.jsonl` and `samples.md` and logs an MLflow table
-(prompt, sampling parameters, completion, tokens/s). One Ray task does the work.
+Prompts come from `decode.prompts` or, when set, `decode.prompts_file` (whose
+content, not only its path, enters the fingerprint). Every sampling option of
+the model is available: greedy (`temperature: 0`), temperature, top-k, top-p,
+repetition penalty, and beam search (`num_beams > 1`), with `num_samples`
+completions per prompt decoded together in left-padded batches. Writes
+`samples.jsonl` and `samples.md` and logs an MLflow table (prompt, sampling
+parameters, completion, its log-likelihood under the model, tokens/s). One Ray
+task does the work (a GPU one when the cluster has GPUs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
+from pathlib import Path
 from typing import Any
 
-from model import generate, load_model
-from pipeline.config import Config, fingerprint_view
+from pipeline.config import Config, ConfigError, DecodeConfig, fingerprint_view
+from pipeline.generation import SamplingOptions, complete
 from pipeline.workflow import Stage, StageContext
-from tokenization.bpe import load_tokenizer
+
+
+def read_prompts(d: DecodeConfig) -> list[str]:
+    """`decode.prompts`, or the prompts of `decode.prompts_file`: in a .jsonl file a JSON string or an object with
+    a "prompt" field per line (prompts with newlines); in any other file one prompt per non-empty line."""
+    if d.prompts_file is None:
+        return list(d.prompts)
+    path = Path(d.prompts_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"decode.prompts_file: {path} not found")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        prompts = lines
+    else:
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"decode.prompts_file: {path}:{n}: invalid JSON ({e.msg})") from None
+            prompt = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(prompt, str):
+                raise ConfigError(f'decode.prompts_file: {path}:{n}: expected a string or {{"prompt": "..."}}')
+            prompts.append(prompt)
+    if not prompts:
+        raise ConfigError(f"decode.prompts_file: {path} holds no prompts")
+    return prompts
+
+
+def sampling_options(d: DecodeConfig) -> SamplingOptions:
+    return SamplingOptions(max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
+                           repetition_penalty=d.repetition_penalty, num_beams=d.num_beams, length_penalty=d.length_penalty,
+                           num_samples=d.num_samples, seed=d.seed, batch_size=d.batch_size)
 
 
 def _section(cfg: Config) -> dict[str, Any]:
-    return fingerprint_view(cfg.decode)
+    section = fingerprint_view(cfg.decode)
+    if cfg.decode.prompts_file is not None:  # edited prompts must rerun decode, as edited config prompts do
+        text = "\x00".join(read_prompts(cfg.decode))
+        section["prompts_file_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return section
 
 
-def decode_samples(model_dir: str, *, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int | None,
-                   num_samples: int, seed: int, eos_token: str) -> list[dict[str, Any]]:
+def decode_samples(model_dir: str, *, prompts: list[str], opts: SamplingOptions, eos_token: str) -> list[dict[str, Any]]:
     """Plain function (no Ray): one row per (prompt, sample)."""
-    model, _ = load_model(model_dir)
-    tok = load_tokenizer(f"{model_dir}/tokenizer.json")
-    eos = tok.token_to_id(eos_token)
-    cfg = model.config
-    rows = []
-    for p_i, prompt in enumerate(prompts):
-        ids = tok.encode(prompt, add_special_tokens=False).ids or [eos]
-        if cfg.pos_encoding == "learned":
-            ids = ids[-(cfg.max_seq_len - max_new_tokens):] if max_new_tokens < cfg.max_seq_len else ids[-1:]
-        budget = min(max_new_tokens, cfg.max_seq_len - len(ids)) if cfg.pos_encoding == "learned" else max_new_tokens
-        t0 = time.perf_counter()
-        outs = generate(model, ids, max_new_tokens=budget, num_samples=num_samples, temperature=temperature,
-                        top_k=top_k, seed=seed + p_i, stop_token=eos)
-        dt = time.perf_counter() - t0
-        for s_i, new in enumerate(outs):
-            rows.append({"prompt": prompt, "sample": s_i, "temperature": temperature, "top_k": top_k or 0,
-                         "completion": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-                         "tokens_per_s": sum(len(o) for o in outs) / dt})
-    return rows
+    import torch
+
+    from model import load_model
+    from tokenization.bpe import load_tokenizer
+
+    model, _ = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    return complete(model, load_tokenizer(f"{model_dir}/tokenizer.json"), prompts, opts, eos_token=eos_token)
+
+
+def write_samples(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+    """samples.jsonl (one row per line) and samples.md (each prompt followed by its completion)."""
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    text = "\n\n".join(f"## prompt {r['prompt']!r} (sample {r['sample']}, log-likelihood {r['log_likelihood']:.2f})"
+                       f"\n\n{r['prompt']}{r['completion']}" for r in rows)
+    (out_dir / "samples.md").write_text(text + "\n", encoding="utf-8")
+    return out_dir / "samples.jsonl", out_dir / "samples.md"
 
 
 def run(ctx: StageContext) -> dict[str, float]:
     import ray
 
     d = ctx.config.decode
-    task = ray.remote(num_cpus=d.num_cpus)(decode_samples)
-    rows = ray.get(task.remote(str(ctx.inputs["train"].path), prompts=d.prompts, max_new_tokens=d.max_new_tokens,
-                               temperature=d.temperature, top_k=d.top_k, num_samples=d.num_samples, seed=d.seed,
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    task = ray.remote(num_cpus=d.num_cpus, num_gpus=1 if use_gpu else 0)(decode_samples)
+    rows = ray.get(task.remote(str(ctx.inputs["train"].path), prompts=read_prompts(d), opts=sampling_options(d),
                                eos_token=ctx.config.tokenizer.eos_token))
-    with open(ctx.out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    text = "\n\n".join(f"## prompt {r['prompt']!r} (sample {r['sample']})\n\n{r['prompt']}{r['completion']}" for r in rows)
-    (ctx.out_dir / "samples.md").write_text(text + "\n", encoding="utf-8")
+    _, md = write_samples(rows, ctx.out_dir)
     ctx.tracker.log_table(ctx.run_id, rows, "samples.json")
-    ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "samples.md")
-    return {"samples": float(len(rows)), "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
-            "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows)}
+    ctx.tracker.log_artifact(ctx.run_id, md)
+    new_tokens = sum(r["new_tokens"] for r in rows)
+    return {"samples": float(len(rows)), "mean_new_tokens": new_tokens / len(rows),
+            "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
+            "mean_token_log_likelihood": sum(r["log_likelihood"] for r in rows) / max(1, new_tokens)}
 
 
-STAGE = Stage(name="decode", needs=("tokenizer", "train"), section=_section, version=1, run=run,
+STAGE = Stage(name="decode", needs=("tokenizer", "train"), section=_section, version=2, run=run,
               params=lambda cfg: cfg.decode.model_dump(mode="json"))

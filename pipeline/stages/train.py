@@ -17,14 +17,25 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, fingerprint_view
+from pipeline import faults
+from pipeline.config import Config, ConfigError, fingerprint_view
 from pipeline.stages.prepare import shard_paths
 from pipeline.train_loop import STATE, train_loop_per_worker
+from pipeline.train_support import check_init_compatible, init_identity, initial_weights
 from pipeline.workflow import Stage, StageContext
 
 
 class TrainingError(RuntimeError):
     """Training failed after Ray Train's retries."""
+
+
+def _root_cause(e: BaseException) -> str:
+    """One line for the user: the innermost worker error Ray wrapped, e.g. the non-finite loss."""
+    text = str(e)
+    for marker in ("NonFiniteLoss: ", "ValueError: ", "RuntimeError: ", "AssertionError: "):
+        if marker in text:
+            return "train: " + text.rsplit(marker, 1)[1].strip().splitlines()[0].removeprefix("train: ")
+    return f"train: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def seq_len(cfg: Config) -> int:
@@ -36,7 +47,10 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
 
 
 def _section(cfg: Config) -> dict[str, Any]:
-    return {"model": fingerprint_view(cfg.model), "train": fingerprint_view(cfg.train)}
+    train = fingerprint_view(cfg.train)
+    if cfg.train.init_from:  # the weights' identity, not just their path
+        train["init_from"] = init_identity(cfg.train.init_from)
+    return {"model": fingerprint_view(cfg.model), "train": train}
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -49,11 +63,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     tok = ctx.inputs["tokenizer"]
     vocab = int(tok.manifest["metrics"]["vocab_size"])
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if t.init_from:  # refuse a mismatched architecture before launching anything
+        init_config, _ = initial_weights(t.init_from)
+        try:
+            check_init_compatible(init_config, model_dict(cfg, vocab), t.init_from)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     worker_config = {
         "model": model_dict(cfg, vocab),
         "train": t.model_dump(mode="json"),
         "seq_len": seq_len(cfg),
         "train_shards": shard_paths(ctx.inputs["prepare"].path),
+        "val_shards": shard_paths(ctx.inputs["prepare"].path, split="val"),
+        # Ray persists checkpoints to <stage>/ray_train/<step>; on a local store the workers mark and verify them there.
+        "local_checkpoint_dir": f"{ctx.out_uri}/ray_train" if "://" not in ctx.out_uri else None,
         "tracking_uri": ctx.tracker.tracking_uri,
         "run_id": ctx.run_id or None,
         "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
@@ -67,12 +90,13 @@ def run(ctx: StageContext) -> dict[str, float]:
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name="ray_train", storage_path=ctx.out_uri,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             worker_runtime_env={"env_vars": faults.env()} if faults.env() else None),
     )
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in several types; report the root cause
-        raise TrainingError(f"train: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise TrainingError(_root_cause(e)) from e
     if result.checkpoint is None:
         raise TrainingError("train: Ray Train finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -82,6 +106,12 @@ def run(ctx: StageContext) -> dict[str, float]:
             shutil.copyfile(Path(d) / name, ctx.out_dir / name)
     shutil.copyfile(tok.path / "tokenizer.json", ctx.out_dir / "tokenizer.json")
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "model.json")
+    if ctx.run_id and t.log_model:  # servable with `mlflow models serve -m <uri> --env-manager local`
+        from pipeline.serving import log_generation_model
+
+        uri = log_generation_model(ctx.tracker.tracking_uri, ctx.run_id, ctx.out_dir, eos_token=cfg.tokenizer.eos_token,
+                                   registered_name=t.registered_model_name)
+        ctx.tracker.set_tags(ctx.run_id, {"model_uri": uri})
     final = {k.removeprefix("train/"): float(v) for k, v in (result.metrics or {}).items()
              if isinstance(v, (int, float)) and k.startswith("train/")}
     return {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}

@@ -1,0 +1,123 @@
+"""Text in, text out: prompts through the tokenizer and the model's samplers, with each completion's log-likelihood.
+
+Shared by the `decode` stage, `llmpipe generate` and the MLflow pyfunc model, so
+it imports only torch, `model` and `tokenizers` (a model server needs nothing
+else). Sampling rows (prompts x samples) decode together as left-padded batches
+of `batch_size` through `generate_batch`; beam search runs one prompt at a time.
+A model with a learned position table keeps only the end of a long prompt, so
+that prompt + new tokens fit in the table. The log-likelihood of a completion is
+the sum of log p(token | prompt, earlier tokens) under the model itself (no
+temperature, no top-k), scored in one teacher-forced batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from model import GPT, beam_search, generate_batch
+from model.generate import left_pad
+
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 50
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_beams: int = 1  # > 1: beam search (temperature, top-k/p and repetition penalty unused)
+    length_penalty: float = 1.0
+    num_samples: int = 1  # per prompt; with beam search the best num_samples beams
+    seed: int | None = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_beams > 1 and self.num_samples > self.num_beams:
+            raise ValueError(f"num_samples ({self.num_samples}) exceeds num_beams ({self.num_beams}) with beam search")
+
+    def table_params(self) -> dict[str, Any]:
+        """The sampling parameters as table columns (no None: MLflow tables want one type per column)."""
+        p = asdict(self)
+        return {"temperature": p["temperature"], "top_k": p["top_k"] or 0, "top_p": p["top_p"] or 1.0,
+                "repetition_penalty": p["repetition_penalty"], "num_beams": p["num_beams"]}
+
+
+def fit_prompt(model: GPT, ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+    """(prompt ids, new-token budget) that fit a learned position table; other encodings take any length."""
+    n = model.config.max_seq_len
+    if model.config.pos_encoding != "learned":
+        return ids, max_new_tokens
+    ids = ids[-(n - max_new_tokens):] if max_new_tokens < n else ids[-1:]
+    return ids, min(max_new_tokens, n - len(ids))
+
+
+@torch.inference_mode()
+def completion_logprobs(model: GPT, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+    """Sum of log p(completion token | everything before it) per row, in one left-padded forward."""
+    device = next(model.parameters()).device
+    idx, mask = left_pad([p + c for p, c in zip(prompts, completions)], device)  # (B, T), (B, T) | None
+    logp = torch.log_softmax(model(idx, attention_mask=mask).float(), dim=-1)  # (B, T, vocab)
+    out = []
+    T = idx.shape[1]
+    for row, c in enumerate(completions):
+        if not c:
+            out.append(0.0)
+            continue
+        # the completion fills the last len(c) positions; position t predicts token t + 1
+        pred = logp[row, T - len(c) - 1 : T - 1]  # (len(c), vocab)
+        out.append(float(pred.gather(1, torch.tensor(c, device=device)[:, None]).sum()))
+    return out
+
+
+Out = tuple[int, int, list[int], float, float]  # (prompt index, sample, new tokens, log-likelihood, tokens/s)
+
+
+def _beam_outs(model: GPT, ids: list[list[int]], opts: SamplingOptions, stops: set[int] | None) -> list[Out]:
+    out: list[Out] = []
+    for p, prompt in enumerate(ids):
+        budget = fit_prompt(model, prompt, opts.max_new_tokens)[1]
+        t0 = time.perf_counter()
+        beams = beam_search(model, prompt, num_beams=opts.num_beams, max_new_tokens=budget, length_penalty=opts.length_penalty,
+                            stop_tokens=stops, num_return_sequences=opts.num_samples)
+        speed = sum(len(b) for b in beams) / (time.perf_counter() - t0)
+        lls = completion_logprobs(model, [prompt] * len(beams), beams)
+        out += [(p, s, b, ll, speed) for s, (b, ll) in enumerate(zip(beams, lls))]
+    return out
+
+
+def _sampled_outs(model: GPT, ids: list[list[int]], opts: SamplingOptions, stops: set[int] | None) -> list[Out]:
+    """Every (prompt, sample) pair, `batch_size` rows per left-padded batch; batch b is seeded with seed + b."""
+    pairs = [(p, s) for p in range(len(ids)) for s in range(opts.num_samples)]
+    out: list[Out] = []
+    for b, i in enumerate(range(0, len(pairs), opts.batch_size)):
+        chunk = pairs[i : i + opts.batch_size]
+        batch = [ids[p] for p, _ in chunk]
+        t0 = time.perf_counter()
+        new = generate_batch(model, batch, max_new_tokens=min(fit_prompt(model, x, opts.max_new_tokens)[1] for x in batch),
+                             temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                             repetition_penalty=opts.repetition_penalty, stop_tokens=stops,
+                             seed=None if opts.seed is None else opts.seed + b)
+        speed = sum(len(n) for n in new) / (time.perf_counter() - t0)
+        lls = completion_logprobs(model, batch, new)
+        out += [(p, s, n, ll, speed) for (p, s), n, ll in zip(chunk, new, lls)]
+    return out
+
+
+def complete(model: GPT, tokenizer: Any, prompts: list[str], opts: SamplingOptions, *,
+             eos_token: str = EOS) -> list[dict[str, Any]]:
+    """One row per (prompt, sample), in prompt order: the sampling parameters, the completion, its
+    log-likelihood and the decoding speed (tokens/s of its batch, or of its prompt's beam search)."""
+    eos = tokenizer.token_to_id(eos_token)  # None: the tokenizer has no such token, nothing stops early
+    stops = {eos} if eos is not None else None
+    ids = [fit_prompt(model, tokenizer.encode(p, add_special_tokens=False).ids or [eos or 0], opts.max_new_tokens)[0]
+           for p in prompts]
+    outs = (_beam_outs if opts.num_beams > 1 else _sampled_outs)(model, ids, opts, stops)
+    return [{"prompt": prompts[p], "sample": s, **opts.table_params(),
+             "completion": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
+             "log_likelihood": ll, "tokens_per_s": speed} for p, s, new, ll, speed in outs]

@@ -1,0 +1,137 @@
+"""A trained model as an MLflow pyfunc model: log it (optionally register it), then serve it with `mlflow models serve`.
+
+`log_generation_model` attaches the train folder's `model.safetensors`,
+`model.json` and `tokenizer.json` to an existing run as a pyfunc model whose
+`predict` takes a DataFrame (or a dict of columns) with a `prompt` column and
+optional `max_new_tokens` and `temperature` columns, and returns one completion
+per row. The model carries its own code (`model/` and `pipeline/` as code paths)
+and needs only torch, tokenizers and safetensors to run, so a server started with
+`mlflow models serve -m <uri> --env-manager local --host 127.0.0.1` loads it
+without the rest of the pipeline. This module and `pipeline.tracking` are the two
+that write to MLflow: the pyfunc flavour needs MLflow's own model logging.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from pipeline.runs import MODEL_FILES
+
+_REPO = Path(__file__).resolve().parent.parent
+DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50}
+
+
+class GenerationModel(mlflow.pyfunc.PythonModel):
+    """prompt (+ optional max_new_tokens, temperature) -> completion, with the KV-cache sampler."""
+
+    def load_context(self, context: Any) -> None:
+        import torch
+        from tokenizers import Tokenizer
+
+        from model import load_model
+
+        paths = {name: Path(context.artifacts[name]) for name in MODEL_FILES}
+        folder = paths["model.json"].parent
+        if any(p.parent != folder or p.name != name for name, p in paths.items()):  # load_model wants one folder
+            folder = Path(tempfile.mkdtemp(prefix="llmpipe-model-"))
+            for name, p in paths.items():
+                shutil.copyfile(p, folder / name)
+        self.model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = Tokenizer.from_file(str(paths["tokenizer.json"]))
+        self.settings = {**DEFAULTS, **(context.model_config or {})}
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints here as a schema
+        """model_input: a DataFrame or a dict of columns with `prompt` (+ optional max_new_tokens, temperature)
+        -> one completion (str) per row."""
+        import pandas as pd
+
+        from pipeline.generation import SamplingOptions, complete
+
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "prompt" not in df.columns:
+            raise ValueError(f"input needs a 'prompt' column, got {list(df.columns)}")
+        s = self.settings
+        groups: dict[tuple[int, float], list[int]] = {}  # rows with the same options decode as one batch
+        for i, row in enumerate(df.to_dict("records")):
+            n, t = row.get("max_new_tokens"), row.get("temperature")
+            key = (int(n) if pd.notna(n) else int(s["max_new_tokens"]), float(t) if pd.notna(t) else float(s["temperature"]))
+            if key[0] < 1 or key[1] < 0:
+                raise ValueError(f"row {i}: max_new_tokens must be >= 1 and temperature >= 0, got {key}")
+            groups.setdefault(key, []).append(i)
+        prompts = [str(p) for p in df["prompt"]]
+        out = [""] * len(prompts)
+        for (n, t), rows in groups.items():
+            opts = SamplingOptions(max_new_tokens=n, temperature=t, top_k=s["top_k"], seed=None)
+            done = complete(self.model, self.tokenizer, [prompts[i] for i in rows], opts, eos_token=s["eos_token"])
+            for i, r in zip(rows, done):
+                out[i] = r["completion"]
+        return out
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType
+
+    # The options are typed `any`: a row that leaves one out turns its column into floats with NaN (which a long
+    # column refuses) while a request that gives every row an integer makes it int64 (which a double column
+    # refuses). `predict` converts and checks them.
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "prompt"), ColSpec(AnyType(), "max_new_tokens", required=False),
+                       ColSpec(AnyType(), "temperature", required=False)]),
+        outputs=Schema([ColSpec(DataType.string)]))
+
+
+def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, registered_name: str | None = None,
+                         eos_token: str = "<|endoftext|>") -> str:
+    """Log the model in `model_dir` (a train folder) to the existing run `run_id` as a pyfunc model named "model";
+    register it as `registered_name` when given. Returns the model URI (`models:/<name>/<version>` when registered).
+    The run keeps its status: a RUNNING run (a stage still in progress) is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    model_dir = Path(model_dir)
+    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir}: missing {', '.join(missing)}")
+    client = MlflowClient(tracking_uri)
+    status = client.get_run(run_id).info.status
+    with _fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=GenerationModel(), artifacts={f: str(model_dir / f) for f in MODEL_FILES},
+            code_paths=[str(_REPO / "model"), str(_REPO / "pipeline")], signature=_signature(),
+            input_example={"prompt": ["\n"], "max_new_tokens": [1]},  # also checks at logging time that it predicts
+            model_config={"eos_token": eos_token, **DEFAULTS},
+            pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas"])
+    uri = info.model_uri
+    if registered_name:
+        with _fluent_tracking_uri(tracking_uri):
+            uri = f"models:/{registered_name}/{mlflow.register_model(uri, registered_name).version}"
+    if status == "RUNNING":  # leaving start_run ended the run; its owner (the workflow) ends it
+        client.update_run(run_id, status="RUNNING")
+    return uri
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (the only way to log a pyfunc model) at `uri`, then restore what was there:
+    `set_tracking_uri` also writes MLFLOW_TRACKING_URI, so both the global and the variable are put back."""
+    from mlflow.tracking._tracking_service import utils
+
+    old_global, old_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env

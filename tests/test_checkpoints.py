@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from pipeline.checkpoints import MARKER, STATE, Checkpoints, verify_checkpoint, write_checkpoint_marker
+
+
+def _ckpt(root, step: int, payload: bytes = b"weights"):
+    d = root / f"step_{step:08d}"
+    (d / "deepspeed").mkdir(parents=True)
+    (d / "deepspeed" / "zero_pp_rank_0_optim_states.pt").write_bytes(payload * 100)
+    (d / STATE).write_text(json.dumps({"step": step}))
+    write_checkpoint_marker(d)
+    return d
+
+
+def test_a_checkpoint_counts_only_when_its_marker_verifies(tmp_path):
+    d = _ckpt(tmp_path, 3)
+    assert verify_checkpoint(d)
+    listed = json.loads((d / MARKER).read_text())["files"]
+    assert {f["path"] for f in listed} == {"deepspeed/zero_pp_rank_0_optim_states.pt", STATE} and all(len(f["sha256"]) == 64 for f in listed)
+    shard = d / "deepspeed" / "zero_pp_rank_0_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # cut in half
+    assert not verify_checkpoint(d)
+    shard.write_bytes(b"X" * 700)  # same size, other bytes
+    assert not verify_checkpoint(d)
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_never_restarts_silently(tmp_path, capsys):
+    _ckpt(tmp_path, 3)
+    newest = _ckpt(tmp_path, 6)
+    store = Checkpoints(under_ray=False, local_dir=str(tmp_path))
+    assert store.latest().name == "step_00000006"
+    (newest / MARKER).unlink()  # killed before the marker was written
+    assert store.latest().name == "step_00000003"
+    (tmp_path / "step_00000003" / STATE).write_text("{}")
+    with pytest.raises(RuntimeError, match="refusing to restart from scratch"):
+        store.latest()
+    assert Checkpoints(under_ray=False, local_dir=str(tmp_path / "none")).latest() is None
