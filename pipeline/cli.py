@@ -74,31 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("LLMPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     if args.command in TOOLS:
-        return _run_tool(args)
-    from pipeline.stages import STAGES
+        tool = {"generate": _generate, "export-hf": _export_hf, "compare": _compare}[args.command]
+        return _guarded(lambda: tool(args))
+    return _guarded(lambda: _workflow(args))
+
+
+def _guarded(fn) -> int:
+    """Known errors become one line and exit code 2; anything else is a bug and keeps its traceback."""
     from pipeline.stages.train import TrainingError
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        store = ArtifactStore(cfg.store.root)
-        if args.command == "status":
-            for it in plan(cfg, store, STAGES):
-                print(it.describe().replace(" -> run", "").replace(" -> skip", ""))
-            return 0
-        items = plan(cfg, store, STAGES, only=args.only, from_stage=args.from_stage, force=args.force)
-        print(f"plan for {cfg.name} (store {store.uri}):")
-        for it in items:
-            print("  " + it.describe())
-        if args.dry_run:
-            return 0
-        if not any(it.run for it in items):
-            print("nothing to run: every stage is cached")
-        manifests = execute(cfg, items, STAGES)
-        ev = manifests.get("evaluate", {}).get("metrics", {})
-        if "val_loss" in ev:
-            print(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
-                  f"vs unigram {ev['unigram_loss']:.4f}")
-        return 0
+        return fn() or 0
     except (*KNOWN_ERRORS, TrainingError) as e:
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the remote exception as .cause
         print(f"llmpipe: error: {cause}", file=sys.stderr)
@@ -108,16 +94,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run_tool(args: argparse.Namespace) -> int:
-    try:
-        {"generate": _generate, "export-hf": _export_hf, "compare": _compare}[args.command](args)
+def _workflow(args: argparse.Namespace) -> int:
+    from pipeline.stages import STAGES
+
+    cfg = load_config(args.config, args.overrides)
+    store = ArtifactStore(cfg.store.root)
+    if args.command == "status":
+        for it in plan(cfg, store, STAGES):
+            print(it.describe().replace(" -> run", "").replace(" -> skip", ""))
         return 0
-    except KNOWN_ERRORS as e:
-        print(f"llmpipe: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llmpipe: interrupted", file=sys.stderr)
-        return 130
+    items = plan(cfg, store, STAGES, only=args.only, from_stage=args.from_stage, force=args.force)
+    print(f"plan for {cfg.name} (store {store.uri}):")
+    for it in items:
+        print("  " + it.describe())
+    if args.dry_run:
+        return 0
+    if not any(it.run for it in items):
+        print("nothing to run: every stage is cached")
+    manifests = execute(cfg, items, STAGES)
+    ev = manifests.get("evaluate", {}).get("metrics", {})
+    if "val_loss" in ev:
+        print(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
+              f"vs unigram {ev['unigram_loss']:.4f}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> None:
