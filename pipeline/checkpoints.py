@@ -86,3 +86,17 @@ def verify_checkpoint(folder: Path) -> bool:
         if not p.is_file() or p.stat().st_size != f["size"] or sha256_file(p) != f["sha256"]:
             return False
     return any(f["path"] == STATE for f in listing)
+
+
+def check_resume_layout(local_dir: str | Path, num_workers: int) -> None:
+    """Before launch: a stage folder whose newest verified checkpoint was written by another number of
+    workers cannot resume (ZeRO shards are per worker), so say which count to use."""
+    folders = sorted(Path(local_dir).glob("step_*"), reverse=True) if Path(local_dir).is_dir() else []
+    for folder in folders:
+        if verify_checkpoint(folder):
+            written_by = json.loads((folder / STATE).read_text()).get("world_size", num_workers)
+            if written_by != num_workers:
+                raise ValueError(f"train: {folder} was written by {written_by} workers and this run asks for {num_workers}; "
+                                 f"resume with train.num_workers={written_by} (ZeRO shards are per worker), "
+                                 f"or use --force train to start over")
+            return

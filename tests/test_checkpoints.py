@@ -37,3 +37,15 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_never_restarts_s
     with pytest.raises(RuntimeError, match="refusing to restart from scratch"):
         store.latest()
     assert Checkpoints(under_ray=False, local_dir=str(tmp_path / "none")).latest() is None
+
+
+def test_resuming_with_another_worker_count_is_refused_before_launch_saying_which_count(tmp_path):
+    from pipeline.checkpoints import check_resume_layout
+
+    d = _ckpt(tmp_path, 3)
+    (d / STATE).write_text(json.dumps({"step": 3, "world_size": 2}))
+    write_checkpoint_marker(d)
+    check_resume_layout(tmp_path, 2)  # same layout: fine
+    check_resume_layout(tmp_path / "fresh", 3)  # nothing to resume: fine
+    with pytest.raises(ValueError, match=r"written by 2 workers and this run asks for 3; resume with train.num_workers=2"):
+        check_resume_layout(tmp_path, 3)

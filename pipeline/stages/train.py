@@ -20,6 +20,7 @@ from typing import Any
 from pipeline import faults
 from pipeline.config import Config, ConfigError, fingerprint_view
 from pipeline.stages.prepare import shard_paths
+from pipeline.checkpoints import check_resume_layout
 from pipeline.train_loop import STATE, train_loop_per_worker
 from pipeline.train_support import check_init_compatible, init_identity, initial_weights
 from pipeline.workflow import Stage, StageContext
@@ -67,6 +68,11 @@ def run(ctx: StageContext) -> dict[str, float]:
         init_config, _ = initial_weights(t.init_from)
         try:
             check_init_compatible(init_config, model_dict(cfg, vocab), t.init_from)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if "://" not in ctx.out_uri:  # a kept folder (resume): same worker count as its checkpoints, before launch
+        try:
+            check_resume_layout(f"{ctx.out_uri}/ray_train", t.num_workers)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     worker_config = {
