@@ -71,8 +71,8 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     return folder
 
 
-def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT:
-    """A GPT with the weights of a local GPT-2 or LLaMA checkpoint folder (fp32 unless the tensors say otherwise)."""
+def read_hf_config(folder: str | Path) -> tuple[ModelConfig, str]:
+    """Our config of a local GPT-2 or LLaMA folder, and its model_type, without reading any tensor."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(str(folder / "config.json"))
@@ -80,7 +80,13 @@ def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT:
     kind = hf.get("model_type")
     if kind not in ("gpt2", "llama"):
         raise ValueError(f"{folder / 'config.json'}: model_type {kind!r} is not gpt2 or llama")
-    cfg = _config_from_gpt2(hf) if kind == "gpt2" else _config_from_llama(hf)
+    return (_config_from_gpt2(hf) if kind == "gpt2" else _config_from_llama(hf)), kind
+
+
+def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT:
+    """A GPT with the weights of a local GPT-2 or LLaMA checkpoint folder (fp32 unless the tensors say otherwise)."""
+    folder = Path(folder)
+    cfg, kind = read_hf_config(folder)
     tensors = _read_tensors(folder)
     try:
         sd = _from_gpt2(tensors, cfg) if kind == "gpt2" else _from_llama(tensors, cfg)

@@ -94,9 +94,14 @@ def check_resume_layout(local_dir: str | Path, num_workers: int) -> None:
     folders = sorted(Path(local_dir).glob("step_*"), reverse=True) if Path(local_dir).is_dir() else []
     for folder in folders:
         if verify_checkpoint(folder):
-            written_by = json.loads((folder / STATE).read_text()).get("world_size", num_workers)
-            if written_by != num_workers:
-                raise ValueError(f"train: {folder} was written by {written_by} workers and this run asks for {num_workers}; "
-                                 f"resume with train.num_workers={written_by} (ZeRO shards are per worker), "
-                                 f"or use --force train to start over")
+            check_same_layout(json.loads((folder / STATE).read_text()), num_workers, folder)
             return
+
+
+def check_same_layout(state: dict, num_workers: int, where: Path) -> None:
+    """ZeRO shards are per worker: a checkpoint resumes only with the worker count that wrote it."""
+    written_by = state.get("world_size", num_workers)
+    if written_by != num_workers:
+        raise ValueError(f"train: {where} was written by {written_by} workers and this run asks for {num_workers}; "
+                         f"resume with train.num_workers={written_by} (ZeRO shards are per worker), "
+                         f"or use --force train to start over")

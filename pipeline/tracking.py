@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,8 +106,6 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def run_url(self, run_id: str) -> str:
-        return f"{self.tracking_uri} experiment {self.experiment_id} run {run_id}"
 
 
 class NullTracker:
@@ -160,10 +157,3 @@ def step_logger(tracking_uri: str | None, run_id: str | None, rank: int) -> Step
     if rank != 0 or not tracking_uri or not run_id:
         return NullStepLogger()
     return StepLogger(tracking_uri, run_id)
-
-
-def write_temp_json(obj: Any, name: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="llmpipe-"))
-    p = d / name
-    p.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    return p

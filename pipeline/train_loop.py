@@ -33,7 +33,7 @@ import torch
 
 from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_save
 from pipeline import faults
-from pipeline.checkpoints import STATE, Checkpoints
+from pipeline.checkpoints import STATE, Checkpoints, check_same_layout
 from pipeline.config import ConfigError
 from pipeline.tracking import step_logger
 from pipeline.train_support import check_init_compatible, initial_weights, peak_flops, progress_line, validation_loss
@@ -332,9 +332,7 @@ def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: Path) -> 
     if state.get("model", cfg.model) != cfg.model:
         diff = {k: (state["model"].get(k), v) for k, v in cfg.model.items() if state["model"].get(k) != v}
         raise RuntimeError(f"checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
-    if state.get("world_size", world) != world:
-        raise RuntimeError(f"checkpoint {where} was written by {state['world_size']} workers, this run has {world}: "
-                           f"resume with train.num_workers={state['world_size']} (ZeRO shards are per worker)")
+    check_same_layout(state, world, where)
 
 
 def _consolidated_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:

@@ -55,17 +55,31 @@ def validation_loss(engine: Any, windows: TokenWindows, *, rank: int, world: int
     return float(totals[0] / totals[1])
 
 
+def _init_folder(path: str) -> tuple[Path, str]:
+    folder = Path(path).expanduser()
+    if (folder / "model.json").is_file():
+        return folder, "ours"
+    if (folder / "config.json").is_file():
+        return folder, "hf"
+    raise FileNotFoundError(f"train.init_from: {folder} holds neither model.json (a trained model) nor config.json (Hugging Face)")
+
+
+def init_config(path: str) -> dict[str, Any]:
+    """The model config of `train.init_from`, read without loading its weights (the driver's pre-launch check)."""
+    from model.hf import read_hf_config
+
+    folder, kind = _init_folder(path)
+    if kind == "ours":
+        return json.loads((folder / "model.json").read_text(encoding="utf-8"))["model_config"]
+    return read_hf_config(folder)[0].to_dict()
+
+
 def initial_weights(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(model config, state dict) from a train stage folder, a model folder or a local Hugging Face folder."""
     from model import import_hf, load_model, state_dict_for_save
 
-    folder = Path(path).expanduser()
-    if (folder / "model.json").is_file():
-        model, _ = load_model(folder)
-    elif (folder / "config.json").is_file():
-        model = import_hf(folder)
-    else:
-        raise FileNotFoundError(f"train.init_from: {folder} holds neither model.json (a trained model) nor config.json (Hugging Face)")
+    folder, kind = _init_folder(path)
+    model = load_model(folder)[0] if kind == "ours" else import_hf(folder)
     return model.config.to_dict(), state_dict_for_save(model)
 
 
@@ -96,7 +110,3 @@ def progress_line(step: int, total: int, metrics: dict[str, float], elapsed_s: f
     mfu = f" MFU {metrics['train/mfu']:.1%}" if "train/mfu" in metrics else ""
     return (f"step {step}/{total} ({step / total:.0%}) loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
             f"{metrics['train/tokens_per_s'] / 1e3:.1f}k tok/s{mfu} ETA {eta_s}")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str))

@@ -57,10 +57,6 @@ def _shard_groups(n: int, num_tasks: int | None) -> list[list[int]]:
     return [g.tolist() for g in np.array_split(np.arange(n), k) if len(g)]
 
 
-def _hash_task(shards, indices, opts):
-    return hash_shards([shards[i] for i in indices], opts)
-
-
 def run(ctx: StageContext) -> dict[str, float]:
     import ray
 

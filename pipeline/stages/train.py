@@ -22,7 +22,7 @@ from pipeline.config import Config, ConfigError, fingerprint_view
 from pipeline.stages.prepare import shard_paths
 from pipeline.checkpoints import check_resume_layout
 from pipeline.train_loop import STATE, train_loop_per_worker
-from pipeline.train_support import check_init_compatible, init_identity, initial_weights
+from pipeline.train_support import check_init_compatible, init_config, init_identity
 from pipeline.workflow import Stage, StageContext
 
 
@@ -65,9 +65,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     vocab = int(tok.manifest["metrics"]["vocab_size"])
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if t.init_from:  # refuse a mismatched architecture before launching anything
-        init_config, _ = initial_weights(t.init_from)
         try:
-            check_init_compatible(init_config, model_dict(cfg, vocab), t.init_from)
+            check_init_compatible(init_config(t.init_from), model_dict(cfg, vocab), t.init_from)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if "://" not in ctx.out_uri:  # a kept folder (resume): same worker count as its checkpoints, before launch
