@@ -67,3 +67,13 @@ def tiny_config(corpus_dir: Path, tmp_path: Path):
         return parse_config(tiny_raw(corpus_dir, tmp_path / "artifacts", **sections))
 
     return make
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend), stopped after the test."""
+    from tests.servers import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow-server").start()
+    yield server
+    server.stop()
