@@ -92,6 +92,7 @@ def run_pipeline(corpus: str, tokenizer: str, out: str, defaults: bool) -> float
     from pipeline.config import parse_config
     from pipeline.stages import prepare
     from pipeline.tracking import NullTracker
+    from pipeline.store import ArtifactStore
     from pipeline.workflow import StageContext, Upstream
 
     data = {"inputs": [corpus], "shard_size_mb": float(os.environ.get("BENCH_SHARD_MB", "0.5")), "val_fraction": 0.05}
@@ -100,9 +101,11 @@ def run_pipeline(corpus: str, tokenizer: str, out: str, defaults: bool) -> float
     cfg = parse_config({"name": "bench", "data": data})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     ray.get([ray.remote(lambda: None).remote() for _ in range(os.cpu_count() * 2)])  # workers up
-    tok_dir = Path(tokenizer).parent
-    ctx = StageContext(cfg, "prepare", "0" * 64, {}, Path(out), out, {"tokenizer": Upstream("tokenizer", "0" * 64, tok_dir, {})},
-                       NullTracker(), "")
+    store, fp = ArtifactStore(out), "0" * 64  # the stage reads its tokenizer from, and writes into, a store
+    tok_ref, out_ref = store.ref("tokenizer", fp), store.ref("prepare", fp)
+    tok_ref.output_dir().joinpath("tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+    ctx = StageContext(cfg, "prepare", fp, {}, out_ref.output_dir(), out, {"tokenizer": Upstream("tokenizer", fp, tok_ref, {})},
+                       NullTracker(), "", out_ref)
     t0 = time.perf_counter()
     prepare.run(ctx)
     dt = time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""The command line: `llmpipe run|status CONFIG [KEY.PATH=VALUE ...]`, and the tools for a trained model:
+"""The command line: `llmpipe run|status CONFIG [KEY.PATH=VALUE ...]`; on a Ray cluster `submit CONFIG ...`,
+`logs JOB`, `status --job JOB`, `stop JOB` (see `pipeline.jobs`); and the tools for a trained model:
 `generate` (sample from it), `export-hf` (a Hugging Face folder) and `compare` (evaluation metrics side by side).
 
 Known errors (config, input data, workflow requests, store, training, a folder
@@ -15,20 +16,36 @@ import logging
 import os
 import sys
 
+from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError, load_config
+from pipeline.jobs import JobError
 from pipeline.runs import TargetError
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.workflow import WorkflowError, execute, plan
 from tokenization.readers import InputError
 
-KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError)
+KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError, ClusterError, JobError)
 TOOLS = ("generate", "export-hf", "compare")
+JOB_COMMANDS = ("submit", "logs", "stop")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmpipe", description="Train transformer LMs as a cached workflow on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the stale and missing stages")
+    _run_arguments(r)
+    s = sub.add_parser("status", help="show each stage as cached, stale (with the changed keys) or missing; "
+                                      "with --job, a submitted job's state")
+    s.add_argument("config", nargs="?")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--job", metavar="JOB_ID", help="the state of this Ray job instead")
+    s.add_argument("--address", help="Ray job server (default: RAY_ADDRESS if http(s), else http://127.0.0.1:8265)")
+    _job_parsers(sub)
+    _tool_parsers(sub)
+    return p
+
+
+def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     g = r.add_mutually_exclusive_group()
@@ -36,11 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="from_stage", metavar="STAGE", help="force this stage and everything downstream")
     r.add_argument("--force", metavar="STAGE", action="append", default=[], help="force this stage (repeatable)")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    s = sub.add_parser("status", help="show each stage as cached, stale (with the changed keys) or missing")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
-    _tool_parsers(sub)
-    return p
+
+
+def _job_parsers(sub: argparse._SubParsersAction) -> None:
+    address = "Ray job server (default: RAY_ADDRESS if http(s), else http://127.0.0.1:8265)"
+    j = sub.add_parser("submit", help="run the pipeline on a Ray cluster as a Ray job (same arguments as run)")
+    _run_arguments(j)
+    j.add_argument("--address", help=address)
+    j.add_argument("--working-dir", default=".", help="the folder shipped to the cluster; must hold CONFIG (default: .)")
+    j.add_argument("--env", action="append", default=[], metavar="NAME", help="pass this environment variable to the job (repeatable)")
+    j.add_argument("--tracking-uri", help="MLflow URI as the cluster reaches it (default: MLFLOW_TRACKING_URI)")
+    j.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following its logs")
+    lg = sub.add_parser("logs", help="print a submitted job's logs")
+    lg.add_argument("job")
+    lg.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    lg.add_argument("--address", help=address)
+    st = sub.add_parser("stop", help="stop a submitted job")
+    st.add_argument("job")
+    st.add_argument("--address", help=address)
 
 
 def _tool_parsers(sub: argparse._SubParsersAction) -> None:
@@ -76,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in TOOLS:
         tool = {"generate": _generate, "export-hf": _export_hf, "compare": _compare}[args.command]
         return _guarded(lambda: tool(args))
+    if args.command in JOB_COMMANDS or (args.command == "status" and args.job):
+        return _guarded(lambda: _jobs(args))
     return _guarded(lambda: _workflow(args))
 
 
@@ -94,9 +126,39 @@ def _guarded(fn) -> int:
         return 130
 
 
+def _jobs(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    if args.command == "status":
+        info = jobs.status(args.job, address=args.address)
+        print(f"{info['job']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        return 0
+    if args.command == "stop":
+        print(f"{args.job}: " + ("stop requested" if jobs.stop(args.job, address=args.address) else "already ended"))
+        return 0
+    if args.command == "logs":
+        if args.follow:
+            return 0 if jobs.follow(args.job, address=args.address) == "SUCCEEDED" else 1
+        print(jobs.logs(args.job, address=args.address), end="")
+        return 0
+    run_args = [*(["--only", args.only] if args.only else []), *(["--from", args.from_stage] if args.from_stage else []),
+                *[a for f in args.force for a in ("--force", f)], *(["--dry-run"] if args.dry_run else [])]
+    job = jobs.submit(args.config, args.overrides, run_args, address=args.address, working_dir=args.working_dir,
+                      env=args.env, tracking_uri=args.tracking_uri)
+    print(f"submitted {job} to {jobs.job_address(args.address)}: follow with `llmpipe logs {job} -f`, "
+          f"see `llmpipe status --job {job}`")
+    if args.no_wait:
+        return 0
+    final = jobs.follow(job, address=args.address)
+    print(f"{job}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
 def _workflow(args: argparse.Namespace) -> int:
     from pipeline.stages import STAGES
 
+    if not args.config:
+        raise ConfigError("status: give a CONFIG (or --job JOB_ID)")
     cfg = load_config(args.config, args.overrides)
     store = ArtifactStore(cfg.store.root)
     if args.command == "status":

@@ -6,7 +6,8 @@ is an error rather than a silently ignored default. Every error becomes a single
 dotted assignments (`train.lr=3e-4`) parsed as YAML scalars and applied to the
 raw mapping *before* validation, so they are checked exactly like the file.
 
-Fields marked `fingerprint=False` (worker counts, logging intervals, resources)
+Fields marked `fingerprint=False` (worker counts, logging intervals) and the
+whole `resources` section
 do not change a stage's output and are left out of its fingerprint: scaling a
 run out must not invalidate its data. See `fingerprint_view`.
 """
@@ -50,7 +51,6 @@ class DataConfig(_Section):
     max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this (counted as too_long).")
     dedup: bool = Field(True, description="Drop exact duplicate documents (by content hash) across all shards.")
     num_tasks: int | None = _nf(None, "Ray tasks for prepare (default: one per shard); never changes the output.", ge=1)
-    num_cpus_per_task: float = _nf(1.0, "CPUs Ray reserves per tokenize task.", gt=0.0)
     max_retries: int = _nf(3, "Ray retries of a task whose worker died.", ge=0)
 
     @model_validator(mode="after")
@@ -149,8 +149,6 @@ class TrainConfig(_Section):
     log_model: bool = _nf(True, "Log the trained model to MLflow as a pyfunc text-generation model (`mlflow models serve`).")
     registered_model_name: str | None = _nf(None, "Also register the logged model under this name in the MLflow registry.")
     num_workers: int = _nf(2, "Ray Train workers (one GPU each when GPUs are used).", ge=1)
-    use_gpu: bool | None = _nf(None, "Use GPUs; default: when the Ray cluster has them.")
-    cpus_per_worker: float = _nf(1.0, "CPUs per training worker.", gt=0.0)
     checkpoint_every: int = _nf(100, "Checkpoint every N steps (and always at the end).", ge=1)
     keep_checkpoints: int = _nf(2, "Checkpoints kept (newest first).", ge=1)
     max_failures: int = _nf(2, "Worker-group restarts Ray Train attempts from the last checkpoint.", ge=0)
@@ -179,7 +177,6 @@ class EvaluateConfig(_Section):
         ["none"], min_length=1, description="RoPE models: also sweep lengths past the training context with these inference-time scalings.")
     position_buckets: int = Field(16, ge=1, description="Loss by position within the window, averaged over this many equal buckets.")
     batch_size: int = _nf(8, "Windows of the training context per forward pass (longer windows get proportionally fewer).", ge=1)
-    num_cpus: float = _nf(1.0, "CPUs for the evaluate task.", gt=0.0)
 
     @model_validator(mode="after")
     def _positive_multipliers(self) -> EvaluateConfig:
@@ -202,13 +199,31 @@ class DecodeConfig(_Section):
     num_samples: int = Field(1, ge=1, description="Samples per prompt (with beam search: the best num_samples beams).")
     seed: int = Field(0, description="Sampling seed.")
     batch_size: int = _nf(16, "Sequences decoded together (left-padded) per forward pass.", ge=1)
-    num_cpus: float = _nf(1.0, "CPUs for the decode task.", gt=0.0)
 
     @model_validator(mode="after")
     def _beams_cover_samples(self) -> DecodeConfig:
         if self.num_beams > 1 and self.num_samples > self.num_beams:
             raise ValueError(f"decode.num_samples ({self.num_samples}) exceeds decode.num_beams ({self.num_beams}) with beam search")
         return self
+
+
+class StageResources(_Section):
+    """What Ray reserves for one task of a stage (train: for each worker). Never fingerprinted."""
+
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per task (prepare: per tokenize task, also capping its threads; train: per worker).")
+    num_gpus: float | None = Field(None, ge=0.0, description="GPUs per task; default: 1 for train/evaluate/decode when the cluster has GPUs, else 0.")
+    memory_gb: float | None = Field(None, gt=0.0, description="Memory Ray reserves per task, in GiB.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per task, e.g. {gpu_node: 1} (a resource your cluster.yaml gives some nodes).")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the task requires, e.g. {ray.io/accelerator-type: H100}.")
+    spread: bool = Field(False, description="Spread the tasks (train: the workers) over nodes instead of packing them.")
+
+
+class ResourcesConfig(_Section):
+    tokenizer: StageResources = Field(default_factory=StageResources, description="The tokenizer-training task.")
+    prepare: StageResources = Field(default_factory=StageResources, description="Each hash and tokenize task.")
+    train: StageResources = Field(default_factory=StageResources, description="Each Ray Train worker.")
+    evaluate: StageResources = Field(default_factory=StageResources, description="The evaluation task.")
+    decode: StageResources = Field(default_factory=StageResources, description="The decoding task.")
 
 
 class TrackingConfig(_Section):
@@ -225,6 +240,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
@@ -253,12 +269,17 @@ class Config(_Section):
 
 # --- loading ---------------------------------------------------------------
 
+_MOVED = {"data.num_cpus_per_task": "resources.prepare.num_cpus", "train.cpus_per_worker": "resources.train.num_cpus",
+          "train.use_gpu": "resources.train.num_gpus", "evaluate.num_cpus": "resources.evaluate.num_cpus",
+          "decode.num_cpus": "resources.decode.num_cpus"}
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + (f" (moved to {_MOVED[loc]})" if loc in _MOVED else "")
     elif first["type"] == "missing":
         msg = "required key is missing"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

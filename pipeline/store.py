@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,14 @@ class ArtifactStore:
         scheme = self.uri.split("://", 1)[0]
         return f"{scheme}://{p}"
 
+    @property
+    def location(self) -> str:
+        """The root as every process can reopen it: an absolute path or the full URI."""
+        return self.base if self.is_local else self.uri
+
+    def ref(self, stage: str, fingerprint: str) -> StageRef:
+        return StageRef(self.location, stage, fingerprint)
+
     # --- reading --------------------------------------------------------
     def read_json(self, path: str) -> dict[str, Any] | None:
         try:
@@ -95,11 +104,23 @@ class ArtifactStore:
         info = self.fs.get_file_info(self.stage_path(stage, fingerprint))
         return info.type == pafs.FileType.Directory
 
-    def local_dir(self, stage: str, fingerprint: str) -> Path:
-        """A local folder holding a committed stage's files (downloaded if remote)."""
+    def local_dir(self, stage: str, fingerprint: str, files: list[str] | None = None) -> Path:
+        """A local folder holding a committed stage's files (downloaded if remote; only `files` if given)."""
         if self.is_local:
             return Path(self.stage_path(stage, fingerprint))
         dest = self._cache / stage / fingerprint[:SHORT]
+        if files is not None:
+            folder = self.stage_path(stage, fingerprint)
+            for name in files:
+                target = dest / name
+                info = self.fs.get_file_info(f"{folder}/{name}")
+                if not target.is_file() or target.stat().st_size != info.size:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                    with self.fs.open_input_stream(f"{folder}/{name}") as src, open(tmp, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    os.replace(tmp, target)
+            return dest
         if not (dest / MARKER).exists():
             self._cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self._cache))
@@ -123,20 +144,33 @@ class ArtifactStore:
                 raise StoreError(f"cannot create {path}: {e.strerror}") from None
             return path
         path = self._cache / "staging" / stage / fingerprint[:SHORT]
-        if path.exists() and not keep_partial:
-            shutil.rmtree(path)
+        if not keep_partial:  # a crashed run's files in the store would otherwise be listed at commit
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                self.fs.delete_dir_contents(self.stage_path(stage, fingerprint), missing_dir_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot clear {self.stage_uri(stage, fingerprint)}: {e}") from None
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _list_files(self, folder: str) -> list[dict[str, Any]]:
+        infos = self.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        return sorted(({"path": i.path[len(folder) + 1:], "size": i.size} for i in infos
+                       if i.type == pafs.FileType.File and not i.base_name.startswith(f".{MARKER}") and i.base_name != MARKER),
+                      key=lambda f: f["path"])
+
     def commit(self, stage: str, fingerprint: str, workdir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-        """List the files, upload if remote, then write the marker last."""
-        files = [
-            {"path": p.relative_to(workdir).as_posix(), "size": p.stat().st_size}
-            for p in sorted(workdir.rglob("*")) if p.is_file() and not p.name.startswith(f".{MARKER}") and p.name != MARKER
-        ]
+        """Upload the driver's files if remote, list everything in the stage folder (tasks on other nodes
+        may have written there too), then write the marker last."""
+        folder = self.stage_path(stage, fingerprint)
+        try:
+            if not self.is_local:
+                pafs.copy_files(str(workdir), folder, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            files = self._list_files(folder)
+        except OSError as e:
+            raise StoreError(f"cannot commit {folder}: {e}") from None
         manifest = {**manifest, "fingerprint": fingerprint, "files": files, "committed_at": time.time()}
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode("utf-8")
-        folder = self.stage_path(stage, fingerprint)
         try:
             if self.is_local:
                 tmp = workdir / f".{MARKER}.tmp"
@@ -146,13 +180,25 @@ class ArtifactStore:
                     os.fsync(f.fileno())
                 os.replace(tmp, workdir / MARKER)
             else:
-                pafs.copy_files(str(workdir), folder, source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=self.fs)
                 with self.fs.open_output_stream(f"{folder}/{MARKER}") as f:
                     f.write(data)
         except OSError as e:
             raise StoreError(f"cannot commit {folder}: {e}") from None
         return manifest
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        try:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError as e:
+            raise StoreError(f"cannot write {path}: {e}") from None
+
+    def delete(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except OSError:
+            pass  # already gone
 
     # --- the per-experiment pointer used to explain staleness ------------
     def _runs_path(self, experiment: str) -> str:
@@ -174,3 +220,38 @@ class ArtifactStore:
         else:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """A stage folder as a Ray task on any node reopens it: committed inputs are read through
+    `local()` (the shared path itself, or a download into this node's cache), and a task's
+    output files go into `output_dir()` and are published to the stage folder by `publish()`."""
+
+    root: str  # ArtifactStore.location
+    stage: str
+    fingerprint: str
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.root)
+
+    def local(self, files: list[str] | None = None) -> Path:
+        return self.store().local_dir(self.stage, self.fingerprint, files)
+
+    def output_dir(self) -> Path:
+        store = self.store()
+        if store.is_local:
+            path = Path(store.stage_path(self.stage, self.fingerprint))
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        return Path(tempfile.mkdtemp(prefix=f"llmpipe-{self.stage}-"))
+
+    def publish(self, folder: Path, names: list[str]) -> None:
+        """Upload a task's finished files to the stage folder (a no-op for a local store: they are there)."""
+        store = self.store()
+        if store.is_local:
+            return
+        dest = store.stage_path(self.stage, self.fingerprint)
+        for name in names:
+            with open(folder / name, "rb") as src, store.fs.open_output_stream(f"{dest}/{name}") as out:
+                shutil.copyfileobj(src, out, 1 << 20)

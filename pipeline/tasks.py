@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import faults
+from pipeline.store import StageRef
 
 
 def _limit_threads(num_cpus: float) -> None:
@@ -28,18 +29,29 @@ def hash_task(shards: list, indices: list[int], opts: Any) -> list[np.ndarray]:
     return hash_shards([shards[i] for i in indices], opts)
 
 
-def tokenize_task(shards: list, indices: list[int], drops: list[np.ndarray], kw: dict[str, Any], num_cpus: float) -> list[dict]:
+def tokenize_task(shards: list, indices: list[int], drops: list[np.ndarray], kw: dict[str, Any], tokenizer: StageRef,
+                  output: StageRef, num_cpus: float) -> list[dict]:
+    """Tokenize whole shards into the stage folder, wherever this task runs (see `StageRef`)."""
     from tokenization.sharding import tokenize_shard
 
     _limit_threads(num_cpus)
+    tok_path = str(tokenizer.local(["tokenizer.json"]) / "tokenizer.json")
+    out_dir = output.output_dir()
     out = []
     for i, drop in zip(indices, drops):
         faults.maybe_fail("prepare.shard", i)
-        out.append(tokenize_shard(i, shards[i], drop, **kw))
+        out.append(tokenize_shard(i, shards[i], drop, tokenizer_path=tok_path, out_dir=str(out_dir), **kw))
+    output.publish(out_dir, [sh[split]["file"] for sh in out for split in ("train", "val")])
     return out
 
 
-def tokenizer_task(files: list, **kw: Any) -> dict[str, float]:
+def tokenizer_task(files: list, **kw: Any) -> tuple[dict[str, float], str]:
+    """Train the BPE; returns its metrics and tokenizer.json's text (small) for the driver to commit."""
+    import tempfile
+    from pathlib import Path
+
     from tokenization.bpe import build_tokenizer
 
-    return build_tokenizer(files, **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = build_tokenizer(files, out_dir=tmp, **kw)
+        return metrics, (Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")

@@ -42,6 +42,13 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
 
 
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else MLflow's local default."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 class Tracker:
     """Parent and child runs of one invocation, through an explicit MlflowClient."""
 

@@ -35,9 +35,11 @@ from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_
 from pipeline import faults
 from pipeline.checkpoints import STATE, Checkpoints, check_same_layout
 from pipeline.config import ConfigError
+from pipeline.store import StageRef
 from pipeline.tracking import step_logger
 from pipeline.train_support import check_init_compatible, initial_weights, peak_flops, progress_line, validation_loss
 from tokenization.dataset import TokenWindows, sample_indices
+from tokenization.shards import shard_paths
 
 DS_TAG = "deepspeed"
 
@@ -124,6 +126,7 @@ class WorkerConfig:
     seq_len: int
     train_shards: list[str]
     val_shards: list[str] = field(default_factory=list)
+    prepare: dict[str, str] | None = None  # a prepare StageRef's fields: the shards are opened on this worker's node
     local_checkpoint_dir: str | None = None  # without Ray: where checkpoints go; under Ray: Ray's local storage, if any
     tracking_uri: str | None = None
     run_id: str | None = None
@@ -225,6 +228,9 @@ def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, g
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     cfg = WorkerConfig(**config)
+    if cfg.prepare:
+        folder = StageRef(**cfg.prepare).local()
+        cfg.train_shards, cfg.val_shards = shard_paths(folder), shard_paths(folder, split="val")
     device, under_ray = _device_and_group()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     t = cfg.train

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, flatten
-from pipeline.store import ArtifactStore
-from pipeline.tracking import NullTracker, Tracker, git_commit
+from pipeline.store import ArtifactStore, StageRef
+from pipeline.tracking import NullTracker, Tracker, git_commit, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ class WorkflowError(RuntimeError):
 class Upstream:
     name: str
     fingerprint: str
-    path: Path  # a local folder with the committed files
+    ref: StageRef  # hand this to Ray tasks: they open it on their own node
     manifest: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        """One committed file, readable by the driver (downloaded alone from a remote store)."""
+        return self.ref.local([name]) / name
 
 
 @dataclass
@@ -57,7 +61,7 @@ class StageContext:
     inputs: dict[str, Upstream]
     tracker: Any
     run_id: str
-    previous_manifest: dict[str, Any] | None = None
+    output: StageRef  # this stage's folder, for Ray tasks that write into it from any node
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,9 @@ class _Ray:
             return
         address = os.environ.get("RAY_ADDRESS")
         if address:
+            from pipeline.cluster import use_ray_token_if_available
+
+            use_ray_token_if_available()
             ray.init(address=address, logging_level=logging.WARNING)
         else:  # a local instance; its dashboard (which Ray Train's state queries need) binds to loopback only
             ray.init(dashboard_host="127.0.0.1", logging_level=logging.WARNING)
@@ -194,11 +201,22 @@ def _tracker(cfg: Config) -> Tracker | NullTracker:
 
 def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run the selected items in order; returns {stage: manifest} for every item."""
+    from pipeline.cluster import preflight, submission_id
+
     store = ArtifactStore(cfg.store.root)
-    tracker = _tracker(cfg)
     ray_ = _Ray()
+    if any(it.run and it.stage.uses_ray for it in items):  # before any work: can every node share store and tracking?
+        ray_.ensure()
+        try:
+            preflight(cfg, store, tracking_uri() if cfg.tracking.enabled else None)
+        except BaseException:
+            ray_.shutdown()
+            raise
+    tracker = _tracker(cfg)
     commit = git_commit()
-    base_tags = {"llmpipe.config": cfg.name, **({"mlflow.source.git.commit": commit} if commit else {})}
+    job = submission_id()
+    base_tags = {"llmpipe.config": cfg.name, **({"mlflow.source.git.commit": commit} if commit else {}),
+                 **({"ray.job_submission_id": job} if job else {})}
     ran = [it.stage.name for it in items if it.run]
     run_name = f"{cfg.name}: {', '.join(ran) if ran else 'all cached'}"  # tells invocations apart in the runs list
     parent = tracker.start_parent(run_name, flatten(cfg.model_dump(mode="json")), base_tags)
@@ -228,10 +246,10 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
                 m = manifests.get(n) or store.manifest(n, up)
                 if m is None:
                     raise WorkflowError(f"{s.name}: upstream {n} ({up[:16]}) is not committed")
-                inputs[n] = Upstream(n, up, store.local_dir(n, up), m)
+                inputs[n] = Upstream(n, up, store.ref(n, up), m)
             workdir = store.working_dir(s.name, it.fingerprint, keep_partial=s.resumable and not it.forced)
             ctx = StageContext(cfg, s.name, it.fingerprint, it.section, workdir, store.stage_uri(s.name, it.fingerprint),
-                               inputs, tracker, child)
+                               inputs, tracker, child, store.ref(s.name, it.fingerprint))
             echo(f"[{s.name}] running {it.fingerprint[:16]} -> {store.stage_uri(s.name, it.fingerprint)}")
             t0 = time.time()
             metrics = s.run(ctx) or {}

@@ -3,7 +3,6 @@ worker, non-finite loss, fine-tuning from earlier weights, periodic validation."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

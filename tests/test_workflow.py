@@ -17,7 +17,7 @@ def fake_stages(calls: list[str]) -> list[Stage]:
         def run(ctx):
             calls.append(name)
             for n in needs:  # a downstream stage only ever sees committed upstreams
-                assert (ctx.inputs[n].path / MARKER).is_file()
+                assert (ctx.inputs[n].ref.local() / MARKER).is_file()
             (ctx.out_dir / "out.txt").write_text(f"{name} {ctx.fingerprint}")
             return {"value": float(len(calls))}
         return Stage(name=name, needs=needs, section=section, version=1, run=run, uses_ray=False)

@@ -10,6 +10,7 @@ zero-copy numpy view of the memory map.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -56,3 +57,9 @@ def read_tokens(path: str | Path) -> np.ndarray:
     chunk = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
     values = chunk.values.slice(chunk.offsets[0].as_py(), chunk.offsets[-1].as_py() - chunk.offsets[0].as_py())
     return values.to_numpy(zero_copy_only=True)
+
+
+def shard_paths(upstream_dir: Path, manifest_file: str = "shards.json", split: str = "train") -> list[str]:
+    """Paths of one split's non-empty shards in a prepared folder, from its `shards.json`."""
+    m = json.loads((upstream_dir / manifest_file).read_text())
+    return [str(upstream_dir / sh[split]["file"]) for sh in m["shards"] if sh[split]["tokens"] > 0]

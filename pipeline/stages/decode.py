@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, DecodeConfig, fingerprint_view
+from pipeline.cluster import task_options
 from pipeline.generation import SamplingOptions, complete
+from pipeline.stages.train import MODEL_FILES
+from pipeline.store import StageRef
 from pipeline.workflow import Stage, StageContext
 
 
@@ -85,13 +88,17 @@ def write_samples(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path
     return out_dir / "samples.jsonl", out_dir / "samples.md"
 
 
+def _decode_task(train: StageRef, **kw: Any) -> list[dict[str, Any]]:
+    """On the task's node: open the model there, then decode."""
+    return decode_samples(str(train.local(list(MODEL_FILES))), **kw)
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     import ray
 
     d = ctx.config.decode
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(num_cpus=d.num_cpus, num_gpus=1 if use_gpu else 0)(decode_samples)
-    rows = ray.get(task.remote(str(ctx.inputs["train"].path), prompts=read_prompts(d), opts=sampling_options(d),
+    task = ray.remote(_decode_task).options(**task_options(ctx.config.resources.decode, "decode"))
+    rows = ray.get(task.remote(ctx.inputs["train"].ref, prompts=read_prompts(d), opts=sampling_options(d),
                                eos_token=ctx.config.tokenizer.eos_token))
     _, md = write_samples(rows, ctx.out_dir)
     ctx.tracker.log_table(ctx.run_id, rows, "samples.json")

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 
 from pipeline.config import Config, EvaluateConfig, fingerprint_view
 from pipeline.plots import line_chart
-from pipeline.stages.prepare import shard_paths
-from pipeline.stages.train import seq_len
+from pipeline.cluster import task_options
+from pipeline.stages.train import MODEL_FILES, seq_len
+from pipeline.store import StageRef
 from pipeline.workflow import Stage, StageContext
+from tokenization.shards import shard_paths
 from tokenization.readers import InputError
 
 Window = tuple[int, int, int]  # (buffer, first token, first scored target within the window)
@@ -243,15 +245,20 @@ def _log_position_curves(ctx: StageContext, result: dict[str, Any]) -> None:
         ctx.tracker.log_metrics(ctx.run_id, values, step=step)
 
 
+def _evaluate_task(train: StageRef, prepare: StageRef, **kw: Any) -> dict[str, Any]:
+    """On the task's node: open the model and the prepared data there, then evaluate."""
+    folder = prepare.local()
+    return evaluate_model(str(train.local(list(MODEL_FILES))), shard_paths(folder, split="val"),
+                          shard_paths(folder, split="train"), **kw)
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     import ray
 
     cfg = ctx.config
-    train_dir, prep_dir = ctx.inputs["train"].path, ctx.inputs["prepare"].path
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(num_cpus=cfg.evaluate.num_cpus, num_gpus=1 if use_gpu else 0)(evaluate_model)
-    result = ray.get(task.remote(str(train_dir), shard_paths(prep_dir, split="val"), shard_paths(prep_dir, split="train"),
-                                 train_seq_len=seq_len(cfg), opts=EvalOptions.from_config(cfg.evaluate)))
+    task = ray.remote(_evaluate_task).options(**task_options(cfg.resources.evaluate, "evaluate"))
+    result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, train_seq_len=seq_len(cfg),
+                                 opts=EvalOptions.from_config(cfg.evaluate)))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:
         ctx.tracker.log_artifact(ctx.run_id, path)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import faults, tasks
+from pipeline.cluster import task_options
 from pipeline.config import Config, fingerprint_view
 from pipeline.workflow import Stage, StageContext
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
@@ -62,25 +63,25 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     cfg = ctx.config
     d = cfg.data
-    tok_path = str(ctx.inputs["tokenizer"].path / "tokenizer.json")
+    tok = ctx.inputs["tokenizer"]
     opts = doc_options(cfg)
     shards = plan_shards(resolve_inputs(d.inputs), max(1, int(d.shard_size_mb * 2**20)))
     groups = _shard_groups(len(shards), d.num_tasks)
-    options: dict[str, Any] = {"num_cpus": d.num_cpus_per_task, "max_retries": d.max_retries}
-    if faults.env():
-        options["runtime_env"] = {"env_vars": faults.env()}
+    res = cfg.resources.prepare
+    options = task_options(res, "prepare", max_retries=d.max_retries,
+                           **({"runtime_env": {"env_vars": faults.env()}} if faults.env() else {}))
     shards_ref = ray.put(shards)
     if d.dedup:
         hashed = ray.get([ray.remote(tasks.hash_task).options(**options).remote(shards_ref, g, opts) for g in groups])
         drops = first_occurrences([h for part in hashed for h in part])
     else:
         drops = [np.zeros(0, dtype=np.int64)] * len(shards)
-    kw = {"tokenizer_path": tok_path, "eos_token": cfg.tokenizer.eos_token, "opts": opts, "val_fraction": d.val_fraction,
-          "append_eos": d.append_eos, "out_dir": str(ctx.out_dir)}
+    kw = {"eos_token": cfg.tokenizer.eos_token, "opts": opts, "val_fraction": d.val_fraction, "append_eos": d.append_eos}
     task = ray.remote(tasks.tokenize_task).options(**options)
-    results = ray.get([task.remote(shards_ref, g, [drops[i] for i in g], kw, d.num_cpus_per_task) for g in groups])
+    results = ray.get([task.remote(shards_ref, g, [drops[i] for i in g], kw, tok.ref, ctx.output, res.num_cpus)
+                       for g in groups])
     per_shard = [r for part in results for r in part]
-    return _finish(ctx, per_shard, tok_path)
+    return _finish(ctx, per_shard, str(tok.file("tokenizer.json")))
 
 
 def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str) -> dict[str, float]:
@@ -142,12 +143,6 @@ def _plot_lengths(path: Path, hist: np.ndarray) -> None:
             draw.text((x0 + 2, H - bottom - h - 12), str(int(hist[i])), fill="black")
     draw.line([left, H - bottom, W - 20, H - bottom], fill="black")
     img.save(path, format="PNG")
-
-
-def shard_paths(upstream_dir: Path, manifest_file: str = "shards.json", split: str = "train") -> list[str]:
-    """Local paths of a committed prepare stage's shards of one split."""
-    m = json.loads((upstream_dir / manifest_file).read_text())
-    return [str(upstream_dir / sh[split]["file"]) for sh in m["shards"] if sh[split]["tokens"] > 0]
 
 
 STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=2, run=run,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tasks
+from pipeline.cluster import task_options
 from pipeline.config import Config, ConfigError, fingerprint_view
 from pipeline.stages.prepare import doc_options, input_identity
 from pipeline.workflow import Stage, StageContext
@@ -52,10 +53,12 @@ def run(ctx: StageContext) -> dict[str, float]:
             raise ConfigError(f"tokenizer.eos_token {t.eos_token!r} is not a token of {src}; set tokenizer.eos_token to its end-of-text token")
         shutil.copyfile(src, ctx.out_dir / "tokenizer.json")
         return {"vocab_size": float(tok.get_vocab_size())}
-    task = ray.remote(num_cpus=cfg.data.num_cpus_per_task, max_retries=cfg.data.max_retries)(tasks.tokenizer_task)
-    metrics = ray.get(task.remote(resolve_inputs(cfg.data.inputs), opts=doc_options(cfg), vocab_size=t.vocab_size,
-                                  min_frequency=t.min_frequency, max_train_bytes=t.max_train_bytes,
-                                  special_tokens=t.special_tokens, out_dir=str(ctx.out_dir)))
+    res = cfg.resources.tokenizer
+    task = ray.remote(tasks.tokenizer_task).options(**task_options(res, "tokenizer", max_retries=cfg.data.max_retries))
+    metrics, text = ray.get(task.remote(resolve_inputs(cfg.data.inputs), opts=doc_options(cfg), vocab_size=t.vocab_size,
+                                        min_frequency=t.min_frequency, max_train_bytes=t.max_train_bytes,
+                                        special_tokens=t.special_tokens))
+    (ctx.out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "tokenizer.json")
     return metrics
 

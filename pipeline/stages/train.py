@@ -14,16 +14,20 @@ is all `evaluate` and `decode` need.
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pipeline import faults
 from pipeline.config import Config, ConfigError, fingerprint_view
-from pipeline.stages.prepare import shard_paths
 from pipeline.checkpoints import check_resume_layout
+from pipeline.cluster import train_scaling
 from pipeline.train_loop import STATE, train_loop_per_worker
 from pipeline.train_support import check_init_compatible, init_config, init_identity
 from pipeline.workflow import Stage, StageContext
+
+
+MODEL_FILES = ("model.safetensors", "model.json", "tokenizer.json")  # what evaluate, decode and the tools load
 
 
 class TrainingError(RuntimeError):
@@ -55,7 +59,6 @@ def _section(cfg: Config) -> dict[str, Any]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -63,7 +66,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     t = cfg.train
     tok = ctx.inputs["tokenizer"]
     vocab = int(tok.manifest["metrics"]["vocab_size"])
-    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    scaling = train_scaling(cfg.resources.train, t.num_workers)
+    store = ctx.output.store()
     if t.init_from:  # refuse a mismatched architecture before launching anything
         try:
             check_init_compatible(init_config(t.init_from), model_dict(cfg, vocab), t.init_from)
@@ -78,8 +82,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         "model": model_dict(cfg, vocab),
         "train": t.model_dump(mode="json"),
         "seq_len": seq_len(cfg),
-        "train_shards": shard_paths(ctx.inputs["prepare"].path),
-        "val_shards": shard_paths(ctx.inputs["prepare"].path, split="val"),
+        "train_shards": [],  # each worker opens the prepared data on its own node
+        "prepare": asdict(ctx.inputs["prepare"].ref),
         # Ray persists checkpoints to <stage>/ray_train/<step>; on a local store the workers mark and verify them there.
         "local_checkpoint_dir": f"{ctx.out_uri}/ray_train" if "://" not in ctx.out_uri else None,
         "tracking_uri": ctx.tracker.tracking_uri,
@@ -90,10 +94,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name="ray_train", storage_path=ctx.out_uri,
+        torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
+        scaling_config=ScalingConfig(**scaling),
+        # a remote store's own filesystem object keeps its options (endpoint, region) that a bare URI would lose
+        run_config=RunConfig(name="ray_train", storage_path=ctx.out_uri if store.is_local else store.stage_path("train", ctx.fingerprint),
+                             storage_filesystem=None if store.is_local else store.fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              worker_runtime_env={"env_vars": faults.env()} if faults.env() else None),
@@ -109,7 +114,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             if not (Path(d) / name).is_file():
                 raise TrainingError(f"train: final checkpoint {d} has no {name}")
             shutil.copyfile(Path(d) / name, ctx.out_dir / name)
-    shutil.copyfile(tok.path / "tokenizer.json", ctx.out_dir / "tokenizer.json")
+    shutil.copyfile(tok.file("tokenizer.json"), ctx.out_dir / "tokenizer.json")
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "model.json")
     if ctx.run_id and t.log_model:  # servable with `mlflow models serve -m <uri> --env-manager local`
         from pipeline.serving import log_generation_model

@@ -1,0 +1,187 @@
+"""Where stages run on a Ray cluster, and the checks that make a cluster run safe.
+
+`task_options` and `train_scaling` turn a stage's `resources.<stage>` section
+into Ray task options or Ray Train `ScalingConfig` arguments, so every stage
+asks for its CPUs, GPUs, memory, custom resources and node labels the same way
+(GPU stages default to one GPU when the cluster has any).
+
+`preflight` runs once Ray is up and before any stage starts. On a cluster of
+more than one node, every node must see the same artifact store and the same
+MLflow store, or a stage would commit files other nodes cannot read and runs
+would land in a SQLite file on one machine. So it refuses a local (SQLite or
+file) tracking URI, a loopback tracking URI when nodes sit on other hosts, and
+an artifact root that a probe task on some node cannot read (a local folder
+that is not a shared mount, or object storage without credentials there).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.config import Config, StageResources
+from pipeline.store import ArtifactStore
+
+GPU_STAGES = ("train", "evaluate", "decode")
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this config safely (says what to set)."""
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def gpus_per_task(res: StageResources, stage: str) -> float:
+    if res.num_gpus is not None:
+        return res.num_gpus
+    return 1.0 if stage in GPU_STAGES and cluster_gpus() > 0 else 0.0
+
+
+def task_options(res: StageResources, stage: str, **extra: Any) -> dict[str, Any]:
+    """Ray `.options(...)` for a task of `stage`."""
+    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": gpus_per_task(res, stage), **extra}
+    if res.memory_gb:
+        opts["memory"] = int(res.memory_gb * 2**30)
+    if res.custom:
+        opts["resources"] = dict(res.custom)
+    if res.label_selector:
+        opts["label_selector"] = dict(res.label_selector)
+    if res.spread:
+        opts["scheduling_strategy"] = "SPREAD"
+    return opts
+
+
+def train_scaling(res: StageResources, num_workers: int) -> dict[str, Any]:
+    """`ScalingConfig` arguments: one worker per GPU by default when the cluster has GPUs."""
+    gpus = gpus_per_task(res, "train")
+    per_worker: dict[str, float] = {"CPU": res.num_cpus, **res.custom}
+    if gpus:
+        per_worker["GPU"] = gpus
+    if res.memory_gb:
+        per_worker["memory"] = res.memory_gb * 2**30
+    kw: dict[str, Any] = {"num_workers": num_workers, "use_gpu": gpus > 0, "resources_per_worker": per_worker,
+                          "placement_strategy": "SPREAD" if res.spread else "PACK"}
+    if res.label_selector:
+        kw["label_selector"] = dict(res.label_selector)
+    return kw
+
+
+# --- connecting -------------------------------------------------------------
+
+def use_ray_token_if_available() -> None:
+    """Present Ray's auth token when connecting to a cluster.
+
+    Ray 2.5x+ clusters enable token authentication (`RAY_AUTH_MODE=token`) when a token exists
+    where they start (`~/.ray/auth_token`, `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`), and refuse
+    clients without it. A client whose mode is unset but which holds a token turns the mode on, as
+    `ray start` does; an explicit `RAY_AUTH_MODE` is always respected, and auth is never turned off.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    has_token = bool(os.environ.get("RAY_AUTH_TOKEN")) or any(
+        p and os.path.isfile(os.path.expanduser(p)) for p in (os.environ.get("RAY_AUTH_TOKEN_PATH"), "~/.ray/auth_token"))
+    if not has_token:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # refresh Ray's cached config so this process, not only its children, sends the token
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        pass
+
+
+# --- preflight --------------------------------------------------------------
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def submission_id() -> str | None:
+    """The Ray job submission id when this process is a submitted job's entrypoint."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except ValueError:
+        return None
+
+
+def is_local_tracking_uri(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # a bare path (or a Windows drive letter)
+
+
+def _is_loopback(uri: str) -> bool:
+    host = urlparse(uri).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_tracking(cfg: Config, tracking_uri: str | None, nodes: list[dict[str, Any]]) -> None:
+    if not cfg.tracking.enabled or len(nodes) < 2 or tracking_uri is None:
+        return
+    if is_local_tracking_uri(tracking_uri):
+        raise ClusterError(
+            f"tracking: MLflow tracking URI {tracking_uri!r} is a local store, but the Ray cluster has {len(nodes)} nodes "
+            "and training workers on other nodes cannot write to it; start an MLflow server that every node can reach "
+            "and set MLFLOW_TRACKING_URI=http://<host>:5000 (or set tracking.enabled: false)")
+    if _is_loopback(tracking_uri) and len({n["NodeManagerAddress"] for n in nodes}) > 1:
+        raise ClusterError(
+            f"tracking: MLflow tracking URI {tracking_uri!r} is a loopback address, but the Ray cluster spans "
+            f"{len({n['NodeManagerAddress'] for n in nodes})} hosts; use an address of the MLflow server that the "
+            "other nodes can reach (e.g. the head's private IP)")
+
+
+def _read_probe(root: str, path: str) -> str:
+    """Runs on one node: the probe file's content as that node sees it, or the error."""
+    try:
+        store = ArtifactStore(root)
+        with store.fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+    except Exception as e:  # noqa: BLE001 - any failure means this node cannot use the store
+        return f"error: {type(e).__name__}: {e}"
+
+
+def check_store(store: ArtifactStore, nodes: list[dict[str, Any]]) -> None:
+    """Write a probe file into the store and read it back from a task pinned to every node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    path = f"{store.base}/_probe/{token}"
+    store.write_bytes(path, token.encode())
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(store.uri if not store.is_local else store.base, path) for n in nodes}
+        blind = [(node, seen) for node, seen in ((n, ray.get(refs[n["NodeID"]])) for n in nodes) if seen != token]
+    finally:
+        store.delete(path)
+    if blind:
+        node, seen = blind[0]
+        where = "a shared filesystem mounted at the same path on every node" if store.is_local else "credentials on every node"
+        raise ClusterError(
+            f"store.root {store.uri!r}: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) cannot read what the "
+            f"driver writes there ({seen if seen.startswith('error') else 'it sees other content'}); on a multi-node cluster "
+            f"the artifact root must be shared storage: an s3:// or gs:// URI, or {where}"
+            + (f" ({len(blind)} of {len(nodes)} nodes cannot)" if len(blind) > 1 else ""))
+
+
+def preflight(cfg: Config, store: ArtifactStore, tracking_uri: str | None) -> None:
+    """Refuse, before any stage starts, a cluster whose nodes would not share the store and the tracking."""
+    nodes = alive_nodes()
+    check_tracking(cfg, tracking_uri, nodes)
+    check_store(store, nodes)
