@@ -235,7 +235,8 @@ def test_a_submitted_pipeline_spreads_over_nodes_tracks_to_the_server_and_surviv
 
     mlflow = MlflowClient(mlflow_server.uri)
     exp = mlflow.get_experiment_by_name("tiny-cluster")
-    parents = mlflow.search_runs([exp.experiment_id], f"tags.`ray.job_submission_id` = '{job}'")
+    tagged = mlflow.search_runs([exp.experiment_id], f"tags.`ray.job_submission_id` = '{job}'")
+    parents = [r for r in tagged if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = mlflow.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert sorted(r.data.tags["stage"] for r in children) == ["decode", "evaluate", "prepare", "tokenizer", "train"]
