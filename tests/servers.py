@@ -60,3 +60,50 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+class S3Server:
+    """An S3-compatible object store on 127.0.0.1 (moto's standalone server: real HTTP, the S3 API),
+    with a bucket created, for `s3://` artifact roots reached through pyarrow's S3 filesystem."""
+
+    ENV = {"AWS_ACCESS_KEY_ID": "llmpipe-test", "AWS_SECRET_ACCESS_KEY": "llmpipe-test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, root: Path, bucket: str = "llmpipe"):
+        self.port = free_port()
+        self.bucket = bucket
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.log = Path(root) / "s3-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key=self.ENV["AWS_ACCESS_KEY_ID"], secret_key=self.ENV["AWS_SECRET_ACCESS_KEY"],
+                                 region=self.ENV["AWS_DEFAULT_REGION"], endpoint_override=self.endpoint, scheme="http",
+                                 allow_bucket_creation=True)
+
+    def start(self, timeout: float = 60.0) -> S3Server:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).parent / "moto_server"
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                self.filesystem().create_dir(self.bucket)
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"moto_server exited: {self.log.read_text()[-2000:]}") from None
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"no S3 server on {self.endpoint} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        self.proc = None

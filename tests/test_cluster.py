@@ -9,6 +9,7 @@ tmpfs over the store folder (`unshare`), which is what a node without the shared
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_raw
-from tests.servers import free_port
+from tests.servers import S3Server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.slow
 def _node_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the job's `python` is this venv's
+    env.update(S3Server.ENV)  # the nodes' S3 credentials, as an instance profile would give them
     return env
 
 
@@ -115,7 +117,14 @@ def cluster():
         c.shutdown()
 
 
-def _write_config(folder: Path, corpus: Path, store: Path, **sections) -> Path:
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+def _write_config(folder: Path, corpus: Path, store: Path | str, **sections) -> Path:
     raw = tiny_raw(corpus, store, **sections)
     raw["name"] = "tiny-cluster"
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,18 +196,19 @@ def _wait_for(predicate, timeout: float, what: str, context=lambda: ""):
     raise AssertionError(f"timed out waiting for {what}\n{context()}")
 
 
-def test_a_submitted_pipeline_spreads_over_nodes_tracks_to_the_server_and_survives_losing_a_node(
-        cluster, corpus_dir, tmp_path, mlflow_server):
+def test_a_submitted_pipeline_on_s3_spreads_over_nodes_tracks_to_the_server_and_survives_losing_a_node(
+        cluster, s3, corpus_dir, tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
+    from pyarrow.fs import FileSelector
     from ray.job_submission import JobStatus
     from ray.util.state import list_actors, list_tasks
 
     from pipeline import jobs
     from pipeline.cli import main
 
-    store = tmp_path / "store"
+    fs, base = s3.filesystem(), f"{s3.bucket}/cluster-test"
     wd = tmp_path / "wd"
-    config = _write_config(wd, corpus_dir, store, data={"num_tasks": 4},
+    config = _write_config(wd, corpus_dir, s3.uri("cluster-test"), data={"num_tasks": 4},
                            train={"steps": 60, "checkpoint_every": 10, "log_model": False},
                            resources={"prepare": {"spread": True}, "train": {"spread": True}})
     head, node2 = cluster.node_id("head"), cluster.node_id("node2")
@@ -208,25 +218,35 @@ def test_a_submitted_pipeline_spreads_over_nodes_tracks_to_the_server_and_surviv
     def logs() -> str:
         return client.get_job_logs(job)
 
-    # Both nodes train: wait for the first committed checkpoint, then kill node2 while its worker is mid-run.
+    def stored(pattern: str) -> list[str]:
+        return [i.path for i in fs.get_file_info(FileSelector(base, recursive=True, allow_not_found=True))
+                if fnmatch.fnmatch(i.path, f"{base}/{pattern}")]
+
+    # Both nodes train: wait for the first checkpoint in S3, then kill node2 while its worker is mid-run.
     def first_checkpoint():
         if client.get_job_status(job) in (JobStatus.FAILED, JobStatus.STOPPED):
             raise AssertionError(f"job ended early:\n{logs()[-4000:]}")
-        return glob.glob(f"{store}/train/*/ray_train/step_*/_CHECKPOINT.json")
+        return stored("train/*/ray_train/step_*/train_state.json")
 
     _wait_for(first_checkpoint, 400, "the first training checkpoint", lambda: logs()[-4000:])
     workers = [a for a in list_actors(address=cluster.dashboard, filters=[("state", "=", "ALIVE")], detail=True)
                if "TrainWorker" in a.class_name]
     assert {a.node_id for a in workers} == {head, node2}, "the two train workers should sit on different nodes"
-    assert not glob.glob(f"{store}/train/*/_COMPLETE.json"), "training finished before the node could be killed"
+    assert not stored("train/*/_COMPLETE.json"), "training finished before the node could be killed"
     cluster.kill("node2")
 
     final = _wait_for(lambda: (s := client.get_job_status(job)) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and s,
                       480, "the job to end", lambda: logs()[-4000:])
     assert final == JobStatus.SUCCEEDED, logs()[-6000:]
 
-    manifests = {Path(p).parts[-3]: json.loads(Path(p).read_text()) for p in glob.glob(f"{store}/*/*/_COMPLETE.json")}
+    manifests = {}
+    for path in stored("*/*/_COMPLETE.json"):
+        with fs.open_input_stream(path) as f:
+            manifests[path.split("/")[-3]] = json.loads(f.read())
     assert set(manifests) == {"tokenizer", "prepare", "train", "evaluate", "decode"}
+    shards = [f["path"] for f in manifests["prepare"]["files"] if f["path"].endswith(".arrow")]
+    assert len(shards) >= 8  # written by tasks on both nodes, straight into the bucket
+    assert {"model.safetensors", "model.json", "tokenizer.json"} <= {f["path"] for f in manifests["train"]["files"]}
     tokenize_nodes = {t.node_id for t in list_tasks(address=cluster.dashboard, detail=True, limit=10000)
                       if t.name.endswith("tokenize_task")}
     assert tokenize_nodes == {head, node2}, "prepare's tasks should have run on both nodes"
