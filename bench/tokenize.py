@@ -99,7 +99,7 @@ def run_pipeline(corpus: str, tokenizer: str, out: str, defaults: bool) -> float
     if not defaults:
         data.update(normalize="none", dedup=False)
     cfg = parse_config({"name": "bench", "data": data})
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     ray.get([ray.remote(lambda: None).remote() for _ in range(os.cpu_count() * 2)])  # workers up
     store, fp = ArtifactStore(out), "0" * 64  # the stage reads its tokenizer from, and writes into, a store
     tok_ref, out_ref = store.ref("tokenizer", fp), store.ref("prepare", fp)

@@ -184,8 +184,9 @@ class _Ray:
 
             use_ray_token_if_available()
             ray.init(address=address, logging_level=logging.WARNING)
-        else:  # a local instance; its dashboard (which Ray Train's state queries need) binds to loopback only
-            ray.init(dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        else:  # a new local instance, even if a `ray start` cluster runs on this machine (RAY_ADDRESS picks that);
+            # its dashboard (which Ray Train's state queries need) binds to loopback only
+            ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
         self.started_here = True
 
     def shutdown(self) -> None:
