@@ -1,0 +1,72 @@
+"""Hypothesis fuzzing of the data path: JSONL files of arbitrary byte lines mixed with good records, read
+whole and in arbitrary byte ranges, where every non-blank line is either a document or one counted skip at
+its own line number and no good line is ever lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenization.readers import InputError, Piece, SkipLog, iter_documents
+
+good_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)  # any valid Unicode, "\n" included
+raw_line = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b'{"text": "caf\xe9"}', b'{"text": "\\ud800"}', b'{"text": "a\x00b"}', b'{"text": 3}', b'[1, 2]',
+                     b'{"body": "x"}', b'{"text": "ok"', b"\xef\xbb\xbf{}", b"\r", b" \t ", b'{"text": "\\udfff\\ud800"}']),
+).map(lambda b: b.replace(b"\n", b""))
+line = st.one_of(st.tuples(st.just("good"), good_text, st.booleans()), st.tuples(st.just("raw"), raw_line, st.none()))
+
+
+def _utf8(text: str) -> bool:
+    """Whether the string can be written as UTF-8 (a lone surrogate cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _encode(kind: str, value, ascii_only: bool | None) -> bytes:
+    return json.dumps({"text": value}, ensure_ascii=ascii_only).encode("utf-8") if kind == "good" else value
+
+
+def _read(path: Path, edges: list[int], log: SkipLog | None) -> list[str]:
+    """The documents of the byte ranges between `edges`, in order (`log=None` is on_error=raise)."""
+    size = path.stat().st_size
+    return [d for a, b in zip(edges, edges[1:]) for d in iter_documents(Piece(str(path), a, b, size), log=log)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(line, min_size=1, max_size=30).filter(lambda ls: any(k == "good" for k, _, _ in ls)),
+       cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=5))
+def test_every_jsonl_line_is_a_document_or_a_counted_skip_at_its_line_and_good_lines_are_never_lost(tmp_path_factory,
+                                                                                                    lines, cuts):
+    path = tmp_path_factory.mktemp("fuzz") / "f.jsonl"
+    encoded = [_encode(*item) for item in lines]
+    path.write_bytes(b"\n".join(encoded) + b"\n")
+    size = path.stat().st_size
+    edges = sorted({0, size, *(c % size for c in cuts)})
+
+    log = SkipLog()
+    docs = _read(path, edges, log)
+    skipped = [int(r["where"].rsplit(":", 1)[1]) for r in log.records]
+    assert all(r["where"] == f"{path}:{n}" for r, n in zip(log.records, skipped))
+    assert skipped == sorted(set(skipped)) and sum(log.counts.values()) == len(skipped)  # each once, in file order
+    assert not any(lines[n - 1][0] == "good" for n in skipped)  # a good record is never the one skipped
+    nonblank = [n for n, b in enumerate(encoded, 1) if b.strip()]
+    expected = [lines[n - 1][1] if lines[n - 1][0] == "good" else json.loads(encoded[n - 1])["text"]
+                for n in nonblank if n not in skipped]  # a raw line kept must really have been a JSON record
+    assert docs == expected and len(docs) + len(skipped) == len(nonblank)
+    assert all(map(_utf8, docs))  # nothing that cannot be written as UTF-8 gets through
+
+    if skipped:  # on_error=raise stops at the first bad line, naming it
+        with pytest.raises(InputError) as e:
+            _read(path, edges, None)
+        assert str(e.value).startswith(f"{path}:{skipped[0]}: ")
+    else:
+        assert _read(path, edges, None) == docs
