@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -109,6 +111,30 @@ def test_a_100mb_jsonl_line_with_one_bad_byte_is_one_counted_skip_naming_file_an
     assert docs == ["before", "after"]
     assert log.counts == Counter({"invalid_utf8": 1}) and log.records == [{"where": f"{path}:2", "reason": "invalid_utf8"}]
     assert peak < 3.3 * path.stat().st_size, f"peak {peak / path.stat().st_size:.2f}x the file"  # the line, its text, the error
+
+
+LONG_DOC = r"""
+import resource, sys
+import numpy as np
+from tokenization.bpe import encode_documents, train_bpe
+unit = "the king rides to the sea and speaks. "
+tok = train_bpe([unit * 200], vocab_size=300)
+text = unit * (int(sys.argv[1]) // len(unit))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ids = encode_documents(tok, [text], np.uint16)[0]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(ids), (after - before) * 1024)
+"""
+
+
+def test_a_long_document_is_tokenized_in_bounded_memory(tmp_path):
+    # `tokenizers` holds ~170 bytes per character of a text it encodes whole: 4 MB would cost ~650 MiB, 100 MB ~16 GiB.
+    size = 4_000_000
+    out = subprocess.run([sys.executable, "-c", LONG_DOC, str(size)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    tokens, grew = map(int, out.stdout.split())
+    assert tokens > size // 8
+    assert grew < 75 * size, f"peak RSS grew by {grew >> 20} MiB for a {size >> 20} MiB document"
 
 
 # --- binary files ----------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
 """Hypothesis fuzzing of the data path: JSONL files of arbitrary byte lines mixed with good records, read
 whole and in arbitrary byte ranges, where every non-blank line is either a document or one counted skip at
-its own line number and no good line is ever lost."""
+its own line number and no good line is ever lost; and long documents tokenized (and trained on) in pieces,
+which must give exactly the tokens and merges of the whole text."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import random
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenization.bpe import encode_documents, split_text, splits_safely, train_bpe
 from tokenization.readers import InputError, Piece, SkipLog, iter_documents
 
 good_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)  # any valid Unicode, "\n" included
@@ -70,3 +75,42 @@ def test_every_jsonl_line_is_a_document_or_a_counted_skip_at_its_line_and_good_l
         assert str(e.value).startswith(f"{path}:{skipped[0]}: ")
     else:
         assert _read(path, edges, None) == docs
+
+
+# Characters and strings where a cut could go wrong: Unicode spaces, a separator Python calls space but GPT-2's
+# regex does not (\x1c), contractions, a combining accent, the special token itself, CRLF, runs of spaces.
+PARTS = list("ab XY\n\t.,'!09é\u00a0\u2003日😀\x1c\u0301") + ["'s", "<|endoftext|>", "  ", "\r\n"]
+texts = st.lists(st.lists(st.sampled_from(PARTS), max_size=150).map("".join), min_size=1, max_size=5)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    rng = random.Random(0)
+    return train_bpe(["".join(rng.choice(PARTS) for _ in range(3000)) for _ in range(10)], vocab_size=400)
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=texts, piece_chars=st.integers(min_value=1, max_value=40), batch_chars=st.integers(min_value=1, max_value=200))
+def test_a_document_encoded_in_pieces_has_exactly_the_tokens_of_the_whole(bpe, batch, piece_chars, batch_chars):
+    assert all("".join(split_text(t, piece_chars)) == t for t in batch)
+    whole = [e.ids for e in bpe.encode_batch(batch, add_special_tokens=False)]
+    pieces = encode_documents(bpe, batch, np.dtype(np.uint32), piece_chars=piece_chars, batch_chars=batch_chars)
+    assert [p.tolist() for p in pieces] == whole
+
+
+@settings(max_examples=30, deadline=None)
+@given(corpus=texts, piece_chars=st.integers(min_value=1, max_value=40))
+def test_training_on_pieces_learns_exactly_the_merges_of_the_whole_texts(corpus, piece_chars):
+    whole = train_bpe(corpus, vocab_size=320, min_frequency=1).to_str()
+    assert train_bpe([p for t in corpus for p in split_text(t, piece_chars)], vocab_size=320, min_frequency=1).to_str() == whole
+
+
+def test_only_tokenizers_whose_pre_tokenizer_allows_it_are_cut(bpe):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    assert splits_safely(bpe)
+    metaspace = Tokenizer(models.BPE())
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace()  # SentencePiece-style: every piece would gain a "▁"
+    assert not splits_safely(metaspace)
+    spaced = train_bpe(["a b c"], vocab_size=270, special_tokens=["<end of text>"])  # a special token with a space
+    assert not splits_safely(spaced)
