@@ -264,13 +264,17 @@ def _key(part: Any) -> str:
 
 
 def _yaml(text: str) -> Any:
-    """yaml.safe_load that fails only with YAMLError or ValueError: PyYAML also raises ValueError for
-    an impossible scalar (`2001-13-01`, `!!int x`), and RecursionError (made a ValueError here) for a
-    nesting deeper than Python's stack."""
+    """yaml.safe_load that fails only with YAMLError or ValueError. PyYAML's constructors raise plain
+    Python errors for a scalar its tag cannot hold (`2001-13-01`, `!!int x`, `!!bool x`, a bare `!!float`)
+    and RecursionError for a nesting deeper than Python's stack; they become ValueErrors here."""
     try:
         return yaml.safe_load(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"a value YAML cannot construct: {e}") from None
+    except (LookupError, AttributeError, TypeError) as e:
+        raise ValueError(f"a value YAML cannot construct ({type(e).__name__}: {e})") from None
 
 
 def _problem(e: yaml.YAMLError) -> str:

@@ -149,6 +149,7 @@ def mutated_configs(draw: st.DrawFn) -> dict[str, Any]:
 # (tags, anchors, aliases, documents, flow collections, explicit keys, impossible dates).
 YAML_TOKENS = list(string.printable) + ["é", "\x08", "\u2028", "\ufeff", "!!", "&a", "*a", "- ", ": ", "---", "[", "{",
                                         "!!python/object:os.system", "2001-13-01", "!!int x", "!!float", "!!binary", "? ",
+                                        "!!int", "!!bool", "!!timestamp", "!!set", "!!omap", "<<: ", " x", " ''",
                                         "name: x\n", "data: {inputs: [a]}\n", "[" * 1000]
 yaml_text = st.lists(st.sampled_from(YAML_TOKENS), max_size=40).map("".join)
 overrides = st.lists(st.one_of(st.text(max_size=20),
