@@ -71,7 +71,7 @@ class StageLocks:
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
         except OSError as e:
             os.close(fd)
-            raise StoreError(f"cannot write lock file {path}: {e.strerror}") from None
+            raise StoreError(f"cannot lock or write lock file {path}: {e.strerror}") from None
         except BaseException:  # e.g. Ctrl-C while waiting
             os.close(fd)
             raise
