@@ -6,15 +6,15 @@ which must give exactly the tokens and merges of the whole text."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.reliability.test_bad_inputs import _utf8
 from tokenization.bpe import encode_documents, split_text, splits_safely, train_bpe
 from tokenization.readers import InputError, Piece, SkipLog, iter_documents
 
@@ -25,15 +25,6 @@ raw_line = st.one_of(
                      b'{"body": "x"}', b'{"text": "ok"', b"\xef\xbb\xbf{}", b"\r", b" \t ", b'{"text": "\\udfff\\ud800"}']),
 ).map(lambda b: b.replace(b"\n", b""))
 line = st.one_of(st.tuples(st.just("good"), good_text, st.booleans()), st.tuples(st.just("raw"), raw_line, st.none()))
-
-
-def _utf8(text: str) -> bool:
-    """Whether the string can be written as UTF-8 (a lone surrogate cannot)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _encode(kind: str, value, ascii_only: bool | None) -> bytes:
