@@ -36,11 +36,14 @@ class Checkpoints:
         if registered is not None and registered not in folders:
             folders = [registered]  # remote storage: Ray's registration is what we have
             return registered if (registered / STATE).is_file() else None
+        damaged = []
         for folder in folders:
             if verify_checkpoint(folder):
-                if registered is not None and folder.name != registered.name:
-                    print(f"WARNING: checkpoint {registered} is incomplete or damaged; resuming from {folder}", flush=True)
+                if damaged:  # say so whether or not Ray registered the damaged one: a silent step back hides data loss
+                    print(f"WARNING: checkpoint {', '.join(map(str, damaged))} does not verify against its {MARKER} "
+                          f"(incomplete or damaged); resuming from {folder}", flush=True)
                 return folder
+            damaged.append(folder)
         if folders:
             raise RuntimeError(f"no checkpoint under {self.local_dir} verifies against its _CHECKPOINT.json; refusing to "
                                "restart from scratch (delete the stage folder to start over)")

@@ -3,8 +3,10 @@
 `generate` (sample from it), `export-hf` (a Hugging Face folder) and `compare` (evaluation metrics side by side).
 
 Known errors (config, input data, workflow requests, store, training, a folder
-or run id that leads to no model) become one line on stderr and exit code 2;
-anything else is a bug and keeps its traceback. For `run` and `status` the
+or run id that leads to no model) become one line on stderr and exit code 2, and
+so does a write the system refuses (disk full, quota, file too large, read-only
+or no permission), naming the file when the system does; anything else is a bug
+and keeps its traceback. For `run` and `status` the
 config is fully validated, and every fingerprint computed, before any work
 starts. The tools take a stage folder or an MLflow run id (see `pipeline.runs`).
 """
@@ -12,6 +14,7 @@ starts. The tools take a stage folder or an MLflow run id (see `pipeline.runs`).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -25,6 +28,9 @@ from pipeline.workflow import WorkflowError, execute, plan
 from tokenization.readers import InputError
 
 KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError, ClusterError, JobError)
+# The system refused a file operation for a reason the user fixes (space, quota, permissions, a file where a
+# folder should be): one line, not a traceback.
+REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 TOOLS = ("generate", "export-hf", "compare")
 JOB_COMMANDS = ("submit", "logs", "stop")
 
@@ -120,6 +126,13 @@ def _guarded(fn) -> int:
     except (*KNOWN_ERRORS, TrainingError) as e:
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the remote exception as .cause
         print(f"llmpipe: error: {cause}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        cause = getattr(e, "cause", None) or e
+        if not isinstance(cause, OSError) or cause.errno not in REFUSED:
+            raise
+        where = cause.filename2 or cause.filename  # shutil.copyfile names the source first, the destination second
+        print(f"llmpipe: error: {cause.strerror}" + (f": {where}" if where else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmpipe: interrupted", file=sys.stderr)

@@ -1,8 +1,11 @@
 """Experiment configuration: one YAML file per experiment, validated before any work.
 
 The schema is a tree of pydantic models with `extra="forbid"`, so a misspelt key
-is an error rather than a silently ignored default. Every error becomes a single
-`ConfigError` line naming the file and the dotted key path. CLI overrides are
+is an error rather than a silently ignored default, and a float must be finite
+(`.inf` or `.nan` is never a learning rate). Every error, whatever the document
+holds (a list at the top, an impossible date, a nesting too deep for the YAML
+parser), becomes a single `ConfigError` line naming the file and the dotted
+key path; nothing else escapes `load_config`. CLI overrides are
 dotted assignments (`train.lr=3e-4`) parsed as YAML scalars and applied to the
 raw mapping *before* validation, so they are checked exactly like the file.
 
@@ -31,7 +34,7 @@ def _nf(default: Any, description: str, **kw: Any) -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class StoreConfig(_Section):
@@ -99,7 +102,7 @@ class ModelSection(_Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") is not None:
+        if isinstance(data, dict) and isinstance(data.get("preset"), str):  # other types: the field reports them
             from model import PRESETS
 
             if data["preset"] not in PRESETS:
@@ -274,9 +277,35 @@ _MOVED = {"data.num_cpus_per_task": "resources.prepare.num_cpus", "train.cpus_pe
           "decode.num_cpus": "resources.decode.num_cpus"}
 
 
+def _key(part: Any) -> str:
+    """A key path component as printed: a key holding a newline or other control character is quoted,
+    so the error stays one line."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
+
+
+def _yaml(text: str) -> Any:
+    """yaml.safe_load that fails only with YAMLError or ValueError. PyYAML's constructors raise plain
+    Python errors for a scalar its tag cannot hold (`2001-13-01`, `!!int x`, `!!bool x`, a bare `!!float`)
+    and RecursionError for a nesting deeper than Python's stack; they become ValueErrors here."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"a value YAML cannot construct: {e}") from None
+    except (LookupError, AttributeError, TypeError) as e:
+        raise ValueError(f"a value YAML cannot construct ({type(e).__name__}: {e})") from None
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    """What is wrong, in one line (a ReaderError, e.g. a control character, has no `problem`)."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join(_key(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key" + (f" (moved to {_MOVED[loc]})" if loc in _MOVED else "")
@@ -300,9 +329,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override {item!r}: {p} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            node[parts[-1]] = _yaml(value) if value != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_problem(e)})") from None
+        except ValueError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
     return raw
 
 
@@ -320,14 +351,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{path}{where}: invalid YAML ({_problem(e)})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    except ValueError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    raw = raw if raw is not None else {}
+    if isinstance(raw, dict):  # otherwise parse_config says the top level must be a mapping
+        raw = apply_overrides(raw, overrides or [])
     return parse_config(raw, source=str(path))
 
 

@@ -4,14 +4,18 @@
 entries. The first time code reaches a listed point with that key, the fault
 fires and a marker in `LLMPIPE_FAULTS_DIR` remembers it, so a retried task or a
 restarted worker runs clean: `exit` kills the process abruptly (Ray's retry and
-Ray Train's restore see a really dead worker, not a mock), `raise` raises, and
-`flag` makes `triggered()` return True (e.g. to poison a loss with NaN).
-Unset (the default), nothing here does anything.
+Ray Train's restore see a really dead worker, not a mock), `raise` raises,
+`flag` makes `triggered()` return True (e.g. to poison a loss with NaN), and
+`pause` holds the process there until a file `llmpipe-release-<point>-<key>`
+appears beside the marker (e.g. to keep a stage running while a second
+invocation starts). The point `stage:<name>` is reached just before a stage
+runs. Unset (the default), nothing here does anything.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 VARS = ("LLMPIPE_FAULTS", "LLMPIPE_FAULTS_DIR")
@@ -22,6 +26,10 @@ def env() -> dict[str, str]:
     return {k: os.environ[k] for k in VARS if k in os.environ}
 
 
+def _marker(point: str, key: object, kind: str = "fault") -> Path:
+    return Path(os.environ.get("LLMPIPE_FAULTS_DIR", "/tmp")) / f"llmpipe-{kind}-{point}-{key}"
+
+
 def _fire(point: str, key: object) -> str | None:
     """The action of a configured fault the first time it is reached, else None."""
     spec = os.environ.get("LLMPIPE_FAULTS")
@@ -30,7 +38,7 @@ def _fire(point: str, key: object) -> str | None:
     for item in spec.split(","):
         p, k, action = item.strip().split(":")
         if p == point and k == str(key):
-            marker = Path(os.environ.get("LLMPIPE_FAULTS_DIR", "/tmp")) / f"llmpipe-fault-{p}-{k}"
+            marker = _marker(p, k)
             if marker.exists():
                 return None
             marker.touch()
@@ -46,5 +54,9 @@ def maybe_fail(point: str, key: object) -> None:
     action = _fire(point, key)
     if action == "exit":
         os._exit(1)
+    if action == "pause":
+        while not _marker(point, key, "release").exists():
+            time.sleep(0.05)
+        return
     if action is not None:
         raise RuntimeError(f"injected fault at {point}:{key}")

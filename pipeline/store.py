@@ -213,10 +213,14 @@ class ArtifactStore:
         path = self._runs_path(experiment)
         data = json.dumps(state, indent=2, sort_keys=True).encode("utf-8")
         if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(tmp).write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as e:  # disk full, read-only: the old pointer stays whole
+                Path(tmp).unlink(missing_ok=True)
+                raise StoreError(f"cannot write {path}: {e.strerror}") from None
         else:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)

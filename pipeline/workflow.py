@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import faults
 from pipeline.config import Config, flatten
+from pipeline.locks import StageLocks
 from pipeline.store import ArtifactStore, StageRef
 from pipeline.tracking import NullTracker, Tracker, git_commit, tracking_uri
 
@@ -205,6 +207,7 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
     from pipeline.cluster import preflight, submission_id
 
     store = ArtifactStore(cfg.store.root)
+    locks = StageLocks(store, echo)  # one builder per stage folder across invocations (see pipeline.locks)
     ray_ = _Ray()
     if any(it.run and it.stage.uses_ray for it in items):  # before any work: can every node share store and tracking?
         ray_.ensure()
@@ -230,7 +233,8 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
             s = it.stage
             tags = {**base_tags, "fingerprint": it.fingerprint, "artifact_uri": store.stage_uri(s.name, it.fingerprint)}
             params = flatten((s.params or s.section)(cfg))
-            if not it.run:
+            run = it.run and not locks.claim(s.name, it.fingerprint, forced=it.forced)  # held until committed
+            if not run:
                 m = store.manifest(s.name, it.fingerprint)
                 assert m is not None, f"{s.name} planned as cached but has no manifest"
                 child = tracker.start_child(s.name, params, {**tags, "cache": "hit", "source_run_id": m.get("mlflow_run_id") or ""})
@@ -253,6 +257,7 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
                                inputs, tracker, child, store.ref(s.name, it.fingerprint))
             echo(f"[{s.name}] running {it.fingerprint[:16]} -> {store.stage_uri(s.name, it.fingerprint)}")
             t0 = time.time()
+            faults.maybe_fail("stage", s.name)  # drills and tests: LLMPIPE_FAULTS=stage:<name>:pause|exit|raise
             metrics = s.run(ctx) or {}
             dt = time.time() - t0
             manifest = store.commit(s.name, it.fingerprint, workdir, {
@@ -261,6 +266,7 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
                 "git_commit": commit,
             })
             store.remember(cfg.experiment_name, s.name, it.fingerprint)
+            locks.release()
             manifests[s.name] = manifest
             tracker.log_metrics(child, {**metrics, "duration_s": dt})
             tracker.end(child)
@@ -274,6 +280,7 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
         tracker.end(parent, status)
         raise
     finally:
+        locks.release()
         ray_.shutdown()
     return manifests
 

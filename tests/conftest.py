@@ -37,7 +37,8 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING")  # never another test's cluster
+    # address="local": always a fresh instance of our own, never one another process on this machine started
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -3,13 +3,21 @@
 Byte-level means every string is representable (no unknown token) and every
 token stands for a fixed byte string, which is what makes bits-per-byte exact:
 `token_byte_lengths` recovers those byte counts from the vocabulary.
+
+Long documents are trained on and encoded in pieces (`split_text`), because
+`tokenizers` holds about 170 bytes per character of a text while it encodes
+it: a 100 MB document would need some 16 GiB at once. The cuts fall where
+GPT-2's pre-tokenizer always ends a pre-token, and BPE never merges across
+pre-tokens, so the pieces give exactly the tokens (and merges) of the whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,66 @@ from tokenization.readers import InputError, InputFile, Piece, SkipLog
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD]
+PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters
+BATCH_CHARS = 1 << 21  # characters per encode_batch call: bounds the Encoding objects alive at once
+# A safe cut: a space or newline right after a non-whitespace character. No alternative of GPT-2's
+# pre-tokenizer regex matches a non-space followed by whitespace, so a pre-token always ends there.
+_CUT = re.compile(r"(?<=\S)[ \n]")
+
+
+def split_text(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at least `piece_chars` characters (the last may be shorter), cut
+    only at safe positions; a text with no safe position after `piece_chars` stays one piece."""
+    start = 0
+    while len(text) - start > piece_chars and (m := _CUT.search(text, start + piece_chars)):
+        yield text[start : m.start()]
+        start = m.start()
+    yield text if start == 0 else text[start:]
+
+
+def _specials_cut_safely(specials: Iterable[dict]) -> bool:
+    """Added tokens are matched before pre-tokenization: a cut is safe only if none can contain or
+    swallow whitespace."""
+    return all(not any(c.isspace() for c in t["content"]) and not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
+               for t in specials)
+
+
+def splits_safely(tok: Tokenizer) -> bool:
+    """True when `split_text` pieces encode exactly like the whole text: a byte-level pre-tokenizer with
+    GPT-2's regex and no prefix space, no normalizer, and added tokens without whitespace (our own
+    tokenizers and GPT-2-style ones; a given tokenizer of another kind is encoded whole)."""
+    spec = json.loads(tok.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False) and _specials_cut_safely(spec.get("added_tokens", [])))
+
+
+def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype, *, piece_chars: int = PIECE_CHARS,
+                     batch_chars: int = BATCH_CHARS) -> list[np.ndarray]:
+    """The token ids of each text (no special tokens added), encoded in batches of about `batch_chars`
+    characters, long texts in pieces when that is exact, so memory does not grow with the longest text."""
+    cut = splits_safely(tok)
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    batch: list[str] = []
+    owners: list[int] = []
+    size = 0
+
+    def flush() -> None:
+        for owner, enc in zip(owners, tok.encode_batch(batch, add_special_tokens=False)):
+            parts[owner].append(np.asarray(enc.ids, dtype=dtype))
+        batch.clear()
+        owners.clear()
+
+    for i, text in enumerate(texts):
+        for piece in split_text(text, piece_chars) if cut else (text,):
+            batch.append(piece)
+            owners.append(i)
+            size += len(piece)
+            if size >= batch_chars:
+                flush()
+                size = 0
+    flush()
+    return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
 
 
 def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
@@ -35,7 +103,10 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    specials = [{"content": t} for t in special_tokens or SPECIAL_TOKENS]
+    # Long texts train in pieces (same word counts, hence the same merges) so memory stays bounded.
+    pieces = (p for t in texts for p in split_text(t)) if _specials_cut_safely(specials) else texts
+    tok.train_from_iterator(pieces, trainer=trainer)
     return tok
 
 

@@ -14,7 +14,14 @@ several tasks share one file and every line is read once.
 
 Bad records follow `on_error`: `raise` stops with an `InputError` naming the
 file and the line or byte offset; `skip` drops exactly that record and notes
-it, with its reason and location, in a `SkipLog`.
+it, with its reason and location, in a `SkipLog`. Everything a reader yields
+encodes as UTF-8: invalid bytes, and JSON `\\uD800`-style lone surrogate
+escapes (which `json` decodes to unencodable strings), are `invalid_utf8`;
+a `.txt`/`.md` file holding a NUL byte is `binary` (an image, an archive, or
+UTF-16 text), not a document. Memory: a text file is held about twice while
+it is decoded; a JSONL piece is read whole (at most about one shard plus the
+end of its last line) and its lines are views into it, so a 100 MB line costs
+that piece plus about twice the line while it is parsed.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ import fnmatch
 import glob
 import gzip
 import importlib.util
-import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +43,8 @@ import pyarrow.fs as pafs
 TEXT_SUFFIXES = (".txt", ".md")
 LINE_SUFFIXES = (".jsonl", ".jsonl.gz")
 SUFFIXES = (*TEXT_SUFFIXES, *LINE_SUFFIXES, ".parquet")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON "\\ud800" escape decodes to; no UTF-8 encoding exists
+_BLANK = re.compile(rb"\s*")  # matched on a memoryview: no copy of a long line just to see it is blank
 
 
 class InputError(ValueError):
@@ -121,6 +130,15 @@ def _remote_files(uri: str) -> list[InputFile]:
     return [InputFile(f"{scheme}://{i.path}", i.size, i.mtime_ns or 0) for i in infos]
 
 
+def _check_name(path: str) -> None:
+    """A file name that is not UTF-8 (Python holds its bytes as surrogates) cannot enter a fingerprint,
+    shards.json or skipped.jsonl, which are UTF-8: refuse it by name instead of failing later."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"data.inputs: file name {os.fsencode(path)!r} is not valid UTF-8; rename the file") from None
+
+
 def resolve_inputs(specs: list[str]) -> list[InputFile]:
     """Every file the specs name, sorted and de-duplicated; an error for a spec that matches nothing."""
     found: dict[str, InputFile] = {}
@@ -135,9 +153,13 @@ def resolve_inputs(specs: list[str]) -> list[InputFile]:
                 matches = _local_files(spec.removeprefix("file://"))
             files = []
             for m in matches:
+                _check_name(m)
                 st = os.stat(m)
                 files.append(InputFile(m, st.st_size, st.st_mtime_ns))
         if not files:
+            local = spec.removeprefix("file://")
+            if "://" not in local and Path(local).expanduser().is_dir():  # a folder of other things reads differently
+                raise InputError(f"data.inputs: {spec!r} matches no files: the folder holds no {', '.join(SUFFIXES)} files")
             raise InputError(f"data.inputs: {spec!r} matches no files")
         for f in files:
             if suffix_of(f.uri) not in SUFFIXES:
@@ -175,15 +197,16 @@ def read_range(uri: str, start: int, end: int) -> tuple[bytes, int]:
         first = 0 if at_line_start else block.find(b"\n") + 1
         if not at_line_start and first == 0:
             return b"", end  # no line starts inside this range
+        tail = []
         if block and not block.endswith(b"\n"):  # finish the last line, which may run past `end`
-            tail = []
             while chunk := f.read(1 << 16):
                 cut = chunk.find(b"\n")
                 tail.append(chunk if cut < 0 else chunk[: cut + 1])
                 if cut >= 0:
                     break
-            block += b"".join(tail)
-        return block[first:], start + first
+        if not first and not tail:
+            return block, start
+        return b"".join([memoryview(block)[first:], *tail]), start + first  # one copy, however long the last line
 
 
 def _line_base(uri: str, offset: int) -> int:
@@ -227,10 +250,14 @@ def iter_documents(piece: Piece | str, *, text_field: str = "text", log: SkipLog
         if kind in TEXT_SUFFIXES:
             with _open(uri) as f:
                 data = f.read()
-            if not data.strip():
+            if not data or data.isspace():  # not data.strip(): that copies a whole large file
                 _bad(log, "empty_file", f"{uri}: empty file", uri)
                 return
+            if (nul := data.find(b"\0")) >= 0:  # valid UTF-8, but no text file holds NUL: binary or UTF-16
+                _bad(log, "binary", f"{uri}: binary data, not UTF-8 text (NUL byte at byte {nul})", uri)
+                return
             text = decode_utf8(data, uri, replace=replace_invalid_utf8, log=log)
+            del data  # the bytes and the text of a large file are held together only while decoding
             if text is not None:
                 yield text
         elif kind in LINE_SUFFIXES:
@@ -250,12 +277,12 @@ def _jsonl(piece: Piece, text_field: str, log: SkipLog | None, replace: bool) ->
             data, base_offset = gzip.GzipFile(fileobj=f).read(), 0
     else:
         data, base_offset = read_range(uri, piece.start, piece.end) if not piece.whole else (_read_all(uri), 0)
-    if piece.whole and not data.strip():
+    if piece.whole and (not data or data.isspace()):
         _bad(log, "empty_file", f"{uri}: empty file", uri)
         return
     line_base: int | None = 0 if base_offset == 0 else None
-    for i, line in enumerate(io.BytesIO(data)):
-        if not line.strip():
+    for i, line in enumerate(_lines(data)):
+        if _BLANK.fullmatch(line):
             continue
         record = _parse_line(line, text_field)
         if isinstance(record, str):
@@ -266,7 +293,7 @@ def _jsonl(piece: Piece, text_field: str, log: SkipLog | None, replace: bool) ->
         where = f"{uri}:{line_base + i + 1}"
         reason, detail = record
         if reason == "invalid_utf8" and replace:
-            text = _parse_line(line.decode("utf-8", errors="replace").encode("utf-8"), text_field)
+            text = _parse_line(line, text_field, replace=True)
             if isinstance(text, str):
                 if log is not None:
                     log.counts["utf8_replaced"] += 1
@@ -276,10 +303,20 @@ def _jsonl(piece: Piece, text_field: str, log: SkipLog | None, replace: bool) ->
         _bad(log, reason, f"{where}: {detail}", where)
 
 
-def _parse_line(line: bytes, text_field: str) -> str | tuple[str, str]:
-    """The text of one JSONL line, or (reason, detail) if it is bad."""
+def _lines(data: bytes) -> Iterator[memoryview]:
+    """The lines of `data` as views (a 100 MB line is not copied to be looked at)."""
+    view, pos = memoryview(data), 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end + 1
+        yield view[pos:end]
+        pos = end
+
+
+def _parse_line(line: bytes | memoryview, text_field: str, *, replace: bool = False) -> str | tuple[str, str]:
+    """The text of one JSONL line, or (reason, detail) if it is bad. `replace` puts U+FFFD for invalid UTF-8."""
     try:
-        s = line.decode("utf-8")
+        s = str(line, "utf-8", "replace" if replace else "strict")
     except UnicodeDecodeError as e:
         return "invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line"
     try:
@@ -288,9 +325,15 @@ def _parse_line(line: bytes, text_field: str) -> str | tuple[str, str]:
         return "malformed_json", f"malformed JSON ({e.msg}, column {e.colno})"
     if not isinstance(record, dict) or text_field not in record:
         return "missing_field", f"field {text_field!r} is missing"
-    if not isinstance(record[text_field], str):
-        return "not_a_string", f"field {text_field!r} is {type(record[text_field]).__name__}, not a string"
-    return record[text_field]
+    text = record[text_field]
+    if not isinstance(text, str):
+        return "not_a_string", f"field {text_field!r} is {type(text).__name__}, not a string"
+    if not text.isascii() and (bad := _SURROGATE.search(text)):  # isascii() is O(1): the common case costs nothing
+        if not replace:
+            return "invalid_utf8", (f"field {text_field!r} holds a lone surrogate \\u{ord(bad.group()):04x} at character "
+                                    f"{bad.start()}, which is not valid Unicode")
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _read_all(uri: str) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenization.bpe import id_dtype, load_tokenizer
+from tokenization.bpe import encode_documents, id_dtype, load_tokenizer
 from tokenization.documents import DocOptions, doc_hash, documents, is_validation, length_histogram
 from tokenization.readers import InputFile, Piece, SkipLog, split_file
 from tokenization.shards import write_shard
@@ -55,18 +55,18 @@ def tokenize_shard(index: int, pieces: list[Piece], drop: np.ndarray, *, tokeniz
     """Pass 2 (plain function): tokenize one shard and write its train/val Arrow files."""
     tok = _tokenizer(tokenizer_path)
     dtype = id_dtype(tok.get_vocab_size())
-    eos = [tok.token_to_id(eos_token)] if append_eos else []
+    eos = np.asarray([tok.token_to_id(eos_token)] if append_eos else [], dtype=dtype)
     log, filtered = SkipLog(), Counter()
     texts = list(documents(pieces, opts, log, filtered))
     dropped = set(drop.tolist())
     filtered["duplicate"] += len(dropped)
     texts = [t for i, t in enumerate(texts) if i not in dropped]
-    encoded = tok.encode_batch(texts, add_special_tokens=False)
+    encoded = encode_documents(tok, texts, dtype)
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     text_bytes = {"train": 0, "val": 0}
-    for text, enc in zip(texts, encoded):
+    for text, ids in zip(texts, encoded):
         split = "val" if is_validation(doc_hash(text), val_fraction) else "train"
-        splits[split].append(np.asarray(enc.ids + eos, dtype=dtype))
+        splits[split].append(np.concatenate([ids, eos]))
         text_bytes[split] += len(text.encode("utf-8"))
     out: dict[str, Any] = {"index": index, "pieces": [[p.uri, p.start, p.end] for p in pieces],
                            "skipped": dict(sorted(log.counts.items())), "filtered": dict(sorted(filtered.items())),
