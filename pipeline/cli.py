@@ -18,10 +18,11 @@ import sys
 from pipeline.config import ConfigError, load_config
 from pipeline.runs import TargetError
 from pipeline.store import ArtifactStore, StoreError
+from pipeline.tracking import TrackingError
 from pipeline.workflow import WorkflowError, execute, plan
 from tokenization.readers import InputError
 
-KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError)
+KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError, TrackingError)
 TOOLS = ("generate", "export-hf", "compare")
 
 

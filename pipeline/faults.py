@@ -4,14 +4,17 @@
 entries. The first time code reaches a listed point with that key, the fault
 fires and a marker in `LLMPIPE_FAULTS_DIR` remembers it, so a retried task or a
 restarted worker runs clean: `exit` kills the process abruptly (Ray's retry and
-Ray Train's restore see a really dead worker, not a mock), `raise` raises, and
-`flag` makes `triggered()` return True (e.g. to poison a loss with NaN).
-Unset (the default), nothing here does anything.
+Ray Train's restore see a really dead worker, not a mock), `raise` raises,
+`flag` makes `triggered()` return True (e.g. to poison a loss with NaN), and
+`pause` stalls there until a file `llmpipe-release-<point>-<key>` appears in the
+same folder (a slow step, e.g. to hold training while a drill restarts a
+service). Unset (the default), nothing here does anything.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 VARS = ("LLMPIPE_FAULTS", "LLMPIPE_FAULTS_DIR")
@@ -46,5 +49,10 @@ def maybe_fail(point: str, key: object) -> None:
     action = _fire(point, key)
     if action == "exit":
         os._exit(1)
+    if action == "pause":
+        release = Path(os.environ.get("LLMPIPE_FAULTS_DIR", "/tmp")) / f"llmpipe-release-{point}-{key}"
+        while not release.exists():
+            time.sleep(0.1)
+        return
     if action is not None:
         raise RuntimeError(f"injected fault at {point}:{key}")

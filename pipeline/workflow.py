@@ -238,7 +238,7 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
             dt = time.time() - t0
             manifest = store.commit(s.name, it.fingerprint, workdir, {
                 "stage": s.name, "version": s.version, "config": it.section, "upstream": it.upstream,
-                "metrics": metrics, "started_at": t0, "duration_s": dt, "mlflow_run_id": child or None,
+                "metrics": metrics, "started_at": t0, "duration_s": dt, "mlflow_run_id": tracker.mlflow_id(child),
                 "git_commit": commit,
             })
             store.remember(cfg.experiment_name, s.name, it.fingerprint)
