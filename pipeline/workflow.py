@@ -177,8 +177,9 @@ class _Ray:
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
-        else:  # a local instance; its dashboard (which Ray Train's state queries need) binds to loopback only
-            ray.init(dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        else:  # a new local instance, never a cluster some `ray start` left in /tmp/ray (that takes RAY_ADDRESS=auto);
+            # its dashboard (which Ray Train's state queries need) binds to loopback only
+            ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
         self.started_here = True
 
     def shutdown(self) -> None:

@@ -37,7 +37,7 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING")  # never another's cluster
     yield ray
     ray.shutdown()
 
