@@ -36,10 +36,14 @@ class Checkpoints:
         if registered is not None and registered not in folders:
             folders = [registered]  # remote storage: Ray's registration is what we have
             return registered if (registered / STATE).is_file() else None
-        for folder in folders:
+        for i, folder in enumerate(folders):
             if verify_checkpoint(folder):
-                if registered is not None and folder.name != registered.name:
-                    print(f"WARNING: checkpoint {registered} is incomplete or damaged; resuming from {folder}", flush=True)
+                # Newer folders that do not verify were cut short or changed since they were written; their files are
+                # never handed to DeepSpeed, which unpickles its states (torch.load with weights_only=False).
+                if i:
+                    skipped = ", ".join(str(f) for f in folders[:i])
+                    print(f"WARNING: checkpoint {skipped} is incomplete or damaged (does not match its {MARKER}); "
+                          f"resuming from {folder}", flush=True)
                 return folder
         if folders:
             raise RuntimeError(f"no checkpoint under {self.local_dir} verifies against its _CHECKPOINT.json; refusing to "

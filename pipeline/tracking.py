@@ -10,7 +10,10 @@ Everything goes through `MlflowClient` with explicit run ids (no global "active
 run"), so the same ids can be handed to Ray tasks and training workers, which
 log step metrics with `StepLogger`. `NullTracker` / `NullStepLogger` have the
 same methods and do nothing: callers never branch on "is tracking enabled" or
-"am I rank 0".
+"am I rank 0". Params and tags whose key names a secret (a word token, secret,
+password, credential or api_key anywhere in the dotted key, but not a vocabulary
+token such as `tokenizer.eos_token`) are logged as `***`, and so is the password
+of a URL such as `s3://key:secret@bucket`.
 
 An outage of the tracking server never stops a run. Every call becomes an entry
 of an in-memory outbox, sent at once while MLflow answers. When it does not
@@ -68,6 +71,7 @@ _PARAMS_PER_CALL, _METRICS_PER_CALL = 100, 1000  # MLflow's log_batch limits
 _PENDING = "pending-"
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _BACKOFF_S, _MAX_BACKOFF_S = 5.0, 60.0
+REDACTED = "***"
 
 
 class TrackingError(ValueError):
@@ -80,6 +84,39 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# --- secrets -------------------------------------------------------------------
+
+_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials", "apikey"}
+_VOCABULARY_TOKENS = {"eos", "bos", "pad", "unk", "sep", "cls", "mask", "special"}  # `eos_token` is a word, not a key
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
+
+
+def is_secret_key(key: str) -> bool:
+    """True when a part of the dotted `key` names a secret: the word token (`hf_token`, `authToken`, `token`),
+    secret, password, credential or api_key, in any case or separator style; `eos_token` and `max_tokens` do not."""
+    for part in key.split("."):
+        words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", part).lower())
+        if any(w in _SECRET_WORDS for w in words) or "api_key" in "_".join(words) or "private_key" in "_".join(words):
+            return True
+        if any(w == "token" and (i == 0 or words[i - 1] not in _VOCABULARY_TOKENS) for i, w in enumerate(words)):
+            return True
+    return False
+
+
+def redact(key: str, value: Any) -> Any:
+    """`value` with secrets replaced by `***`: all of it under a secret key, nested secret keys of a dict
+    (a raw DeepSpeed JSON), and the password of a URL."""
+    if is_secret_key(key):
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: redact(f"{key}.{k}", v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(key, v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\1{REDACTED}@", value)
+    return value
 
 
 def _param_value(v: Any) -> str:
@@ -329,7 +366,7 @@ class Tracker(_Outbox):
             if found:
                 self._ids[call.run] = found[0].info.run_id
                 return
-        tags = {k: str(v) for k, v in tags.items()} | {_RUN_KEY_TAG: key}
+        tags = {k: str(redact(k, v)) for k, v in tags.items()} | {_RUN_KEY_TAG: key}
         parent_id = self._run_id(parent) if parent else None
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
@@ -338,7 +375,7 @@ class Tracker(_Outbox):
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        items = [Param(k, _param_value(redact(k, v))) for k, v in sorted(params.items())]
 
         def send(rid: str) -> None:
             for i in range(0, len(items), _PARAMS_PER_CALL):
@@ -358,7 +395,7 @@ class Tracker(_Outbox):
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [RunTag(k, str(redact(k, v))) for k, v in tags.items()]
 
         def send(rid: str) -> None:
             for i in range(0, len(items), _PARAMS_PER_CALL):
