@@ -218,3 +218,15 @@ def test_runs_and_calls_made_during_an_outage_are_created_and_replayed_when_the_
     assert _steps(mlflow_server.uri, child, "val/loss") == [1, 2, 3, 6]
     assert dropped == f"MLflow at {mlflow_server.uri} did not record: run {child}: 2 metric points (steps 4-5) " \
                       "(last error: Connection refused)"
+
+
+def test_the_null_tracker_has_every_public_method_of_the_tracker_with_the_same_signature():
+    import inspect
+
+    from pipeline.tracking import NullStepLogger, NullTracker
+
+    for real, null in ((Tracker, NullTracker), (StepLogger, NullStepLogger)):
+        public = {n for n, f in inspect.getmembers(real, inspect.isfunction) if not n.startswith("_")}
+        assert public <= set(dir(null)), public - set(dir(null))
+        for name in public:
+            assert inspect.signature(getattr(real, name)) == inspect.signature(getattr(null, name)), name
