@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
@@ -44,7 +45,10 @@ def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> tup
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
     config = ModelConfig(**meta["model_config"])
     model = GPT(config)
-    tensors = load_file(str(folder / WEIGHTS), device=str(device))
+    try:
+        tensors = load_file(str(folder / WEIGHTS), device=str(device))
+    except SafetensorError as e:  # e.g. a pickle under this name: refused, never unpickled
+        raise ValueError(f"{folder / WEIGHTS}: not a safetensors file ({e}); only safetensors weights are loaded") from None
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     for k, shape in expected.items():

@@ -39,6 +39,8 @@ class Checkpoints:
         damaged = []
         for folder in folders:
             if verify_checkpoint(folder):
+                # Newer folders that do not verify were cut short or changed since they were written; their files are
+                # never handed to DeepSpeed, which unpickles its states (torch.load with weights_only=False).
                 if damaged:  # say so whether or not Ray registered the damaged one: a silent step back hides data loss
                     print(f"WARNING: checkpoint {', '.join(map(str, damaged))} does not verify against its {MARKER} "
                           f"(incomplete or damaged); resuming from {folder}", flush=True)

@@ -24,10 +24,12 @@ from pipeline.config import ConfigError, load_config
 from pipeline.jobs import JobError
 from pipeline.runs import TargetError
 from pipeline.store import ArtifactStore, StoreError
+from pipeline.tracking import TrackingError
 from pipeline.workflow import WorkflowError, execute, plan
 from tokenization.readers import InputError
 
-KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError, ClusterError, JobError)
+KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError, ClusterError, JobError,
+                TrackingError)
 # The system refused a file operation for a reason the user fixes (space, quota, permissions, a file where a
 # folder should be): one line, not a traceback.
 REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}

@@ -74,19 +74,20 @@ def train_scaling(res: StageResources, num_workers: int) -> dict[str, Any]:
 
 # --- connecting -------------------------------------------------------------
 
-def use_ray_token_if_available() -> None:
-    """Present Ray's auth token when connecting to a cluster.
+def keep_ray_token_auth(*, connecting: bool = True) -> None:
+    """Keep Ray's token authentication on, and present the token when connecting to a cluster.
 
-    Ray 2.5x+ clusters enable token authentication (`RAY_AUTH_MODE=token`) when a token exists
-    where they start (`~/.ray/auth_token`, `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`), and refuse
-    clients without it. A client whose mode is unset but which holds a token turns the mode on, as
-    `ray start` does; an explicit `RAY_AUTH_MODE` is always respected, and auth is never turned off.
+    Ray 2.60 turns token authentication on for a new local instance (generating `~/.ray/auth_token`)
+    and for a `ray start` cluster where a token exists (`~/.ray/auth_token`, `RAY_AUTH_TOKEN`,
+    `RAY_AUTH_TOKEN_PATH`), and refuses clients without it. A local start asks for it explicitly
+    (the same protection, without Ray's notice on every run); a client whose mode is unset but that
+    holds a token turns the mode on, as `ray start` does. An explicit `RAY_AUTH_MODE` always wins.
     """
     if "RAY_AUTH_MODE" in os.environ:
         return
     has_token = bool(os.environ.get("RAY_AUTH_TOKEN")) or any(
         p and os.path.isfile(os.path.expanduser(p)) for p in (os.environ.get("RAY_AUTH_TOKEN_PATH"), "~/.ray/auth_token"))
-    if not has_token:
+    if connecting and not has_token:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # refresh Ray's cached config so this process, not only its children, sends the token

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import is_local_tracking_uri, use_ray_token_if_available
+from pipeline.cluster import is_local_tracking_uri, keep_ray_token_auth
 from pipeline.config import load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -42,7 +42,7 @@ def job_address(address: str | None = None) -> str:
 def client(address: str | None = None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    use_ray_token_if_available()
+    keep_ray_token_auth()
     url = job_address(address)
     try:
         return JobSubmissionClient(url)

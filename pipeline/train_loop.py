@@ -273,6 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             faults.maybe_fail("train.step", done)
     if start_step >= steps:  # resumed from the final checkpoint: re-report it so the driver can read it
         _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last)
+    logger.close()  # step points queued during a tracking outage: sent now, or reported as lost
     return {**last, **rates.summary()}
 
 

@@ -181,10 +181,10 @@ class _Ray:
         if ray.is_initialized():
             return
         address = os.environ.get("RAY_ADDRESS")
-        if address:
-            from pipeline.cluster import use_ray_token_if_available
+        from pipeline.cluster import keep_ray_token_auth
 
-            use_ray_token_if_available()
+        keep_ray_token_auth(connecting=bool(address))
+        if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:  # a new local instance, even if a `ray start` cluster runs on this machine (RAY_ADDRESS picks that);
             # its dashboard (which Ray Train's state queries need) binds to loopback only
@@ -204,19 +204,23 @@ def _tracker(cfg: Config) -> Tracker | NullTracker:
 
 def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run the selected items in order; returns {stage: manifest} for every item."""
-    from pipeline.cluster import preflight, submission_id
+    from pipeline.cluster import is_local_tracking_uri, preflight, submission_id
 
     store = ArtifactStore(cfg.store.root)
+    uri = tracking_uri() if cfg.tracking.enabled else None
+    # An unreachable tracking server fails here, before anything is written or Ray starts; a local store (SQLite,
+    # files) is opened only after the cluster check, which refuses it on a multi-node cluster before it is created.
+    tracker = None if uri and is_local_tracking_uri(uri) else _tracker(cfg)
     locks = StageLocks(store, echo)  # one builder per stage folder across invocations (see pipeline.locks)
     ray_ = _Ray()
     if any(it.run and it.stage.uses_ray for it in items):  # before any work: can every node share store and tracking?
         ray_.ensure()
         try:
-            preflight(cfg, store, tracking_uri() if cfg.tracking.enabled else None)
+            preflight(cfg, store, uri)
         except BaseException:
             ray_.shutdown()
             raise
-    tracker = _tracker(cfg)
+    tracker = tracker or _tracker(cfg)
     commit = git_commit()
     job = submission_id()
     base_tags = {"llmpipe.config": cfg.name, **({"mlflow.source.git.commit": commit} if commit else {}),
@@ -262,7 +266,7 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ca
             dt = time.time() - t0
             manifest = store.commit(s.name, it.fingerprint, workdir, {
                 "stage": s.name, "version": s.version, "config": it.section, "upstream": it.upstream,
-                "metrics": metrics, "started_at": t0, "duration_s": dt, "mlflow_run_id": child or None,
+                "metrics": metrics, "started_at": t0, "duration_s": dt, "mlflow_run_id": tracker.mlflow_id(child),
                 "git_commit": commit,
             })
             store.remember(cfg.experiment_name, s.name, it.fingerprint)

@@ -105,9 +105,9 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from pipeline.cluster import use_ray_token_if_available
+    from pipeline.cluster import keep_ray_token_auth
 
-    use_ray_token_if_available()  # the nodes and this client agree on Ray's token auth, as in a real cluster
+    keep_ray_token_auth()  # the nodes and this client agree on Ray's token auth, as in a real cluster
     c = LocalCluster()
     try:
         c.start_head()

@@ -87,7 +87,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         # Ray persists checkpoints to <stage>/ray_train/<step>; on a local store the workers mark and verify them there.
         "local_checkpoint_dir": f"{ctx.out_uri}/ray_train" if "://" not in ctx.out_uri else None,
         "tracking_uri": ctx.tracker.tracking_uri,
-        "run_id": ctx.run_id or None,
+        "run_id": ctx.tracker.worker_run_id(ctx.run_id),  # None while MLflow is down and the run not yet made
         "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
                  "prepare_fingerprint": ctx.inputs["prepare"].fingerprint, "train_fingerprint": ctx.fingerprint},
     }
@@ -116,12 +116,9 @@ def run(ctx: StageContext) -> dict[str, float]:
             shutil.copyfile(Path(d) / name, ctx.out_dir / name)
     shutil.copyfile(tok.file("tokenizer.json"), ctx.out_dir / "tokenizer.json")
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "model.json")
-    if ctx.run_id and t.log_model:  # servable with `mlflow models serve -m <uri> --env-manager local`
-        from pipeline.serving import log_generation_model
-
-        uri = log_generation_model(ctx.tracker.tracking_uri, ctx.run_id, ctx.out_dir, eos_token=cfg.tokenizer.eos_token,
-                                   registered_name=t.registered_model_name)
-        ctx.tracker.set_tags(ctx.run_id, {"model_uri": uri})
+    if t.log_model:  # servable with `mlflow models serve -m <uri> --env-manager local`; tagged `model_uri`
+        ctx.tracker.log_model(ctx.run_id, ctx.out_dir, eos_token=cfg.tokenizer.eos_token,
+                              registered_name=t.registered_model_name)
     final = {k.removeprefix("train/"): float(v) for k, v in (result.metrics or {}).items()
              if isinstance(v, (int, float)) and k.startswith("train/")}
     return {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}
