@@ -154,6 +154,16 @@ def _read_probe(root: str, path: str) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
+def _probe_result(ref: Any) -> str:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    try:
+        return ray.get(ref, timeout=120)
+    except (GetTimeoutError, RayError) as e:  # a node dying or unschedulable is a node that cannot see the store
+        return f"error: the probe task did not run there ({type(e).__name__})"
+
+
 def check_store(store: ArtifactStore, nodes: list[dict[str, Any]]) -> None:
     """Write a probe file into the store and read it back from a task pinned to every node."""
     import ray
@@ -168,7 +178,7 @@ def check_store(store: ArtifactStore, nodes: list[dict[str, Any]]) -> None:
         probe = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
         refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(store.uri if not store.is_local else store.base, path) for n in nodes}
-        blind = [(node, seen) for node, seen in ((n, ray.get(refs[n["NodeID"]])) for n in nodes) if seen != token]
+        blind = [(n, seen) for n in nodes if (seen := _probe_result(refs[n["NodeID"]])) != token]
     finally:
         store.delete(path)
     if blind:
