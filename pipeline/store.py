@@ -251,7 +251,8 @@ class StageRef:
         return Path(tempfile.mkdtemp(prefix=f"llmpipe-{self.stage}-"))
 
     def publish(self, folder: Path, names: list[str]) -> None:
-        """Upload a task's finished files to the stage folder (a no-op for a local store: they are there)."""
+        """Upload a task's finished files to the stage folder and drop the local copies (a no-op for a
+        local store: they are already there)."""
         store = self.store()
         if store.is_local:
             return
@@ -259,3 +260,4 @@ class StageRef:
         for name in names:
             with open(folder / name, "rb") as src, store.fs.open_output_stream(f"{dest}/{name}") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
+        shutil.rmtree(folder, ignore_errors=True)
