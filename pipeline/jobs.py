@@ -20,6 +20,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from pipeline.cluster import is_local_tracking_uri, keep_ray_token_auth
 from pipeline.config import load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+AGENT_WAIT_S = 120  # how long to wait for a just-started head's job agent
 EXCLUDES = [".venv/", "artifacts/", "mlruns/", "mlflow.db", ".git/", ".whl/", "__pycache__/", ".pytest_cache/"]
 
 
@@ -88,11 +90,17 @@ def submit(config: str, overrides: list[str], run_args: list[str], *, address: s
         env_vars[name] = os.environ[name]
     runtime_env = {"working_dir": str(wd.resolve()), "excludes": EXCLUDES, "env_vars": env_vars}
     c = client(address)
-    try:
-        return c.submit_job(entrypoint=entrypoint(rel, overrides, run_args), runtime_env=runtime_env,
-                            metadata={"llmpipe.config": rel})
-    except RuntimeError as e:
-        raise JobError(f"the job server at {job_address(address)} refused the job: {str(e).splitlines()[0]}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint(rel, overrides, run_args), runtime_env=runtime_env,
+                                metadata={"llmpipe.config": rel})
+        except RuntimeError as e:
+            # Right after a cluster starts, the head's job agent may not have registered yet: Ray asks to retry.
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise JobError(f"the job server at {job_address(address)} refused the job: {str(e).splitlines()[0]}") from None
 
 
 def follow(job_id: str, *, address: str | None = None, out=sys.stdout) -> str:
