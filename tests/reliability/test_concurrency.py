@@ -85,12 +85,18 @@ def _text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-def test_a_second_run_waits_for_the_first_then_takes_the_stage_as_cached(tmp_path):
+def _one_building_one_waiting(tmp_path: Path):
+    """Two runs of one config: the first holds the stage (paused in it), the second waits for it."""
     raw = _raw(tmp_path)
     first = _start(raw, tmp_path / "first.log")
     _wait_for(lambda: (tmp_path / f"started-{first.pid}").exists(), "the first run to start building")
     second = _start(raw, tmp_path / "second.log")
     _wait_for(lambda: "waiting for another run" in _text(tmp_path / "second.log"), "the second run to wait")
+    return raw, first, second
+
+
+def test_a_second_run_waits_for_the_first_then_takes_the_stage_as_cached(tmp_path):
+    raw, first, second = _one_building_one_waiting(tmp_path)
     (tmp_path / "release").touch()
     first.join(120)
     second.join(120)
@@ -109,11 +115,7 @@ def test_a_second_run_waits_for_the_first_then_takes_the_stage_as_cached(tmp_pat
 
 
 def test_a_holder_killed_mid_stage_releases_the_lock_and_the_waiter_builds_the_stage_cleanly(tmp_path):
-    raw = _raw(tmp_path)
-    first = _start(raw, tmp_path / "first.log")
-    _wait_for(lambda: (tmp_path / f"started-{first.pid}").exists(), "the first run to start building")
-    second = _start(raw, tmp_path / "second.log")
-    _wait_for(lambda: "waiting for another run" in _text(tmp_path / "second.log"), "the second run to wait")
+    raw, first, second = _one_building_one_waiting(tmp_path)
     os.kill(first.pid, signal.SIGKILL)  # the holder dies with its partial folder; the kernel drops its flock
     first.join(60)
     _wait_for(lambda: (tmp_path / f"started-{second.pid}").exists(), "the second run to take over")
