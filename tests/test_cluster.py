@@ -46,7 +46,11 @@ class LocalCluster:
         self.nodes: dict[str, subprocess.Popen] = {}
 
     def _start(self, name: str, args: list[str], hide: Path | None = None) -> None:
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats", *args]
+        # Every node on this host needs its own agent ports: the defaults (e.g. 52365) may be taken by another
+        # Ray on the machine, and a head without its dashboard agent cannot accept jobs.
+        ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "runtime-env-agent-port", "metrics-export-port")]
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats", *ports, *args]
         if hide is not None:  # this node's processes see an empty tmpfs where the store is
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    f"mount -t tmpfs tmpfs {shlex.quote(str(hide))} && exec {shlex.join(cmd)}"]
@@ -56,6 +60,7 @@ class LocalCluster:
     def start_head(self) -> None:
         port = self.dashboard.rsplit(":", 1)[1]
         self._start("head", ["--head", f"--port={self.gcs.rsplit(':', 1)[1]}", "--num-cpus=2", "--resources={\"head\": 1}",
+                             f"--ray-client-server-port={free_port()}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}"])
         self.wait_alive(1)
 
@@ -209,7 +214,7 @@ def test_a_submitted_pipeline_on_s3_spreads_over_nodes_tracks_to_the_server_and_
     fs, base = s3.filesystem(), f"{s3.bucket}/cluster-test"
     wd = tmp_path / "wd"
     config = _write_config(wd, corpus_dir, s3.uri("cluster-test"), data={"num_tasks": 4},
-                           train={"steps": 60, "checkpoint_every": 10, "log_model": False},
+                           train={"steps": 40, "checkpoint_every": 10, "log_model": False},
                            resources={"prepare": {"spread": True}, "train": {"spread": True}})
     head, node2 = cluster.node_id("head"), cluster.node_id("node2")
     job = jobs.submit(str(config), [], [], address=cluster.dashboard, working_dir=str(wd), tracking_uri=mlflow_server.uri)
@@ -262,7 +267,7 @@ def test_a_submitted_pipeline_on_s3_spreads_over_nodes_tracks_to_the_server_and_
     assert sorted(r.data.tags["stage"] for r in children) == ["decode", "evaluate", "prepare", "tokenizer", "train"]
     train = next(r for r in children if r.data.tags["stage"] == "train")
     steps = [m.step for m in mlflow.get_metric_history(train.info.run_id, "train/loss")]
-    assert max(steps) == 60
+    assert max(steps) == 40
 
     status = subprocess.run([sys.executable, "-m", "pipeline", "status", "--job", job, "--address", cluster.dashboard],
                             capture_output=True, text=True, timeout=60)

@@ -29,21 +29,23 @@ from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.slow
 
-TRAIN = {"steps": 30, "checkpoint_every": 5, "log_every": 5, "log_model": False}
+TRAIN = {"steps": 12, "checkpoint_every": 3, "log_every": 3, "log_model": False}
 
 
 def _config(tmp: Path, corpus: Path, name: str) -> Path:
-    raw = tiny_raw(corpus, tmp / f"store-{name}", train=TRAIN)
+    raw = tiny_raw(corpus, tmp / f"store-{name}", train=TRAIN, tracking={"enabled": False})  # not about tracking
     raw["name"] = name
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _env(tmp: Path, tag: str = "") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def _env(tmp: Path, tag: str = "", faults: str = "") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLMPIPE_FAULTS")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     env["LLMPIPE_TEST_RUN"] = tag  # inherited by the local Ray it starts: raylet, GCS, every worker
+    if faults:
+        env.update(LLMPIPE_FAULTS=faults, LLMPIPE_FAULTS_DIR=str(tmp))
     return env
 
 
@@ -83,10 +85,11 @@ def _run(config: Path, tmp: Path) -> str:
     return out.stdout
 
 
-def _run_and_kill(config: Path, tmp: Path, ready) -> str:
-    """Start a run, SIGKILL its process group as soon as `ready(output so far)` holds; returns the output."""
+def _run_and_kill(config: Path, tmp: Path, ready, faults: str = "") -> str:
+    """Start a run, SIGKILL it and all it started as soon as `ready(output so far)` holds; returns the output."""
     tag = uuid.uuid4().hex
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], env=_env(tmp, tag), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], env=_env(tmp, tag, faults),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # a pipe must never fill up
@@ -137,11 +140,11 @@ def test_a_driver_killed_in_prepare_train_and_evaluate_resumes_to_the_uninterrup
     _run_and_kill(config, tmp_path, lambda out: "[prepare] running" in out)
     assert _committed(store) == {"tokenizer"}  # prepare's partial shards are not a commit
 
-    def mid_training(out: str) -> bool:
-        marks = glob.glob(f"{store}/train/*/ray_train/step_*/_CHECKPOINT.json")
-        return bool(marks) and not glob.glob(f"{store}/train/*/_COMPLETE.json")
+    def mid_training(out: str) -> bool:  # training holds after its step-6 checkpoint (a `pause` fault), then dies
+        return bool(glob.glob(f"{store}/train/*/ray_train/step_00000006/_CHECKPOINT.json"))
 
-    out = _run_and_kill(config, tmp_path, mid_training)
+    out = _run_and_kill(config, tmp_path, mid_training, faults="train.step:6:pause")
+    assert not glob.glob(f"{store}/train/*/_COMPLETE.json")
     assert _plan(out, "tokenizer").startswith("tokenizer  cached")
     assert "incomplete folder: will redo" in _plan(out, "prepare")
     assert _committed(store) == {"tokenizer", "prepare"}
