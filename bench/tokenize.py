@@ -90,10 +90,10 @@ def run_pipeline(corpus: str, tokenizer: str, out: str, defaults: bool) -> float
     import ray
 
     from pipeline.config import parse_config
+    from pipeline.engine.stage import StageContext, Upstream
+    from pipeline.engine.store import ArtifactStore
     from pipeline.stages import prepare
-    from pipeline.tracking import NullTracker
-    from pipeline.store import ArtifactStore
-    from pipeline.workflow import StageContext, Upstream
+    from pipeline.tracking.mlflow import NullTracker
 
     data = {"inputs": [corpus], "shard_size_mb": float(os.environ.get("BENCH_SHARD_MB", "0.5")), "val_fraction": 0.05}
     if not defaults:

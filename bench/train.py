@@ -60,7 +60,7 @@ def worker_config(size: dict, shard: str, steps: int, zero: int, ckpt_dir: str) 
 
 
 def run_pipeline(cfg: dict) -> float:
-    from pipeline.train_loop import train_loop_per_worker
+    from pipeline.stages.train.worker import train_loop_per_worker
 
     return train_loop_per_worker(cfg)["train/steady_tokens_per_s"]
 
@@ -69,7 +69,7 @@ def run_baseline(cfg: dict) -> float:
     import torch
 
     from model import GPT, ModelConfig
-    from pipeline.train_loop import lr_at
+    from pipeline.stages.train.optim import lr_at
     from tokenization.dataset import TokenWindows, sample_indices
 
     t = cfg["train"]

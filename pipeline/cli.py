@@ -19,17 +19,12 @@ import logging
 import os
 import sys
 
-from pipeline.cluster import ClusterError
-from pipeline.config import ConfigError, load_config
-from pipeline.jobs import JobError
-from pipeline.runs import TargetError
-from pipeline.store import ArtifactStore, StoreError
-from pipeline.tracking import TrackingError
-from pipeline.workflow import WorkflowError, execute, plan
-from tokenization.readers import InputError
+from pipeline.config import load_config
+from pipeline.engine.execute import execute
+from pipeline.engine.plan import plan
+from pipeline.engine.store import ArtifactStore
+from pipeline.errors import ConfigError, TargetError, user_cause
 
-KNOWN_ERRORS = (ConfigError, InputError, WorkflowError, StoreError, FileNotFoundError, TargetError, ClusterError, JobError,
-                TrackingError)
 # The system refused a file operation for a reason the user fixes (space, quota, permissions, a file where a
 # folder should be): one line, not a traceback.
 REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -120,29 +115,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(fn) -> int:
-    """Known errors become one line and exit code 2; anything else is a bug and keeps its traceback."""
-    from pipeline.stages.train import TrainingError
-
+    """User errors (`pipeline.errors`) become one line and exit code 2, wherever they were raised (a Ray task or
+    worker error carries them inside); anything else is a bug and keeps its traceback."""
     try:
         return fn() or 0
-    except (*KNOWN_ERRORS, TrainingError) as e:
-        cause = getattr(e, "cause", None) or e  # a RayTaskError carries the remote exception as .cause
-        print(f"llmpipe: error: {cause}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        cause = getattr(e, "cause", None) or e
-        if not isinstance(cause, OSError) or cause.errno not in REFUSED:
-            raise
-        where = cause.filename2 or cause.filename  # shutil.copyfile names the source first, the destination second
-        print(f"llmpipe: error: {cause.strerror}" + (f": {where}" if where else ""), file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("llmpipe: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        cause = user_cause(e)
+        if cause is None and isinstance(refused := _refused(e), OSError):
+            where = refused.filename2 or refused.filename  # shutil.copyfile names the source first, the destination second
+            print(f"llmpipe: error: {refused.strerror}" + (f": {where}" if where else ""), file=sys.stderr)
+            return 2
+        if cause is None:
+            raise
+        print(f"llmpipe: error: {cause}", file=sys.stderr)
+        return 2
+
+
+def _refused(e: BaseException) -> OSError | None:
+    """The system's refusal of a file operation inside `e` (disk full, quota, permissions...), if that is what it is."""
+    from pipeline.errors import causes
+
+    found = [x for x in causes(e) if isinstance(x, OSError) and x.errno in REFUSED]
+    return found[-1] if found else None
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from pipeline import jobs
+    from pipeline.cluster import jobs
 
     if args.command == "status":
         info = jobs.status(args.job, address=args.address)
@@ -200,8 +201,8 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from model import load_model
-    from pipeline.generation import SamplingOptions, complete
-    from pipeline.runs import resolve_model_dir
+    from pipeline.completion import SamplingOptions, complete
+    from pipeline.tracking.lookup import resolve_model_dir
     from tokenization.bpe import load_tokenizer
 
     if args.max_new_tokens < 1 or args.temperature < 0 or args.num_beams < 1 or args.num_samples < 1:
@@ -223,7 +224,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _export_hf(args: argparse.Namespace) -> None:
     from model import export_hf, load_model
     from model.hf import hf_family
-    from pipeline.runs import resolve_model_dir
+    from pipeline.tracking.lookup import resolve_model_dir
     from tokenization.bpe import load_tokenizer
 
     folder = resolve_model_dir(args.target, tracking_uri=args.tracking_uri)
@@ -238,7 +239,11 @@ def _export_hf(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from pipeline.compare import comparison_table, evaluate_runs, experiment_evaluate_runs
+    from pipeline.tracking.compare import (
+        comparison_table,
+        evaluate_runs,
+        experiment_evaluate_runs,
+    )
 
     if bool(args.runs) == bool(args.experiment):
         raise ConfigError("compare: give run ids or --experiment NAME (not both)")

@@ -23,9 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
+from pipeline.errors import ConfigError
+from tokenization.documents import DocOptions
 
 
 def _nf(default: Any, description: str, **kw: Any) -> Any:
@@ -61,6 +60,10 @@ class DataConfig(_Section):
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ValueError(f"data.max_chars ({self.max_chars}) is below data.min_chars ({self.min_chars})")
         return self
+
+    def doc_options(self) -> DocOptions:
+        return DocOptions(text_field=self.text_field, on_error=self.on_error, replace_invalid_utf8=self.replace_invalid_utf8,
+                          normalize=self.normalize, min_chars=self.min_chars, max_chars=self.max_chars)
 
 
 class TokenizerConfig(_Section):
@@ -264,6 +267,11 @@ class Config(_Section):
         if t.warmup_steps > t.steps:
             raise ValueError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
         return self
+
+    @property
+    def train_seq_len(self) -> int:
+        """The training window: train.seq_len, else the model's context."""
+        return self.train.seq_len or self.model.max_seq_len
 
     @property
     def experiment_name(self) -> str:

@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from pipeline.checkpoints import MARKER, STATE, Checkpoints, verify_checkpoint, write_checkpoint_marker
+from pipeline.stages.train.checkpoints import (
+    MARKER,
+    STATE,
+    Checkpoints,
+    verify_checkpoint,
+    write_checkpoint_marker,
+)
 
 
 def _ckpt(root, step: int, payload: bytes = b"weights"):
@@ -40,7 +46,7 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_never_restarts_s
 
 
 def test_resuming_with_another_worker_count_is_refused_before_launch_saying_which_count(tmp_path):
-    from pipeline.checkpoints import check_resume_layout
+    from pipeline.stages.train.checkpoints import check_resume_layout
 
     d = _ckpt(tmp_path, 3)
     (d / STATE).write_text(json.dumps({"step": 3, "world_size": 2}))

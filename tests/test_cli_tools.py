@@ -8,8 +8,8 @@ import torch
 
 from model import import_hf, load_model
 from pipeline import cli
-from pipeline.store import ArtifactStore
-from pipeline.tracking import Tracker
+from pipeline.engine.store import ArtifactStore
+from pipeline.tracking.mlflow import Tracker
 from tests.test_decode import make_model_dir
 
 TRAIN_FP, EVAL_FP, EVAL_FP2 = "a" * 64, "b" * 64, "c" * 64

@@ -110,7 +110,7 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from pipeline.cluster import keep_ray_token_auth
+    from pipeline.cluster.runtime import keep_ray_token_auth
 
     keep_ray_token_auth()  # the nodes and this client agree on Ray's token auth, as in a real cluster
     c = LocalCluster()
@@ -208,8 +208,8 @@ def test_a_submitted_pipeline_on_s3_spreads_over_nodes_tracks_to_the_server_and_
     from ray.job_submission import JobStatus
     from ray.util.state import list_actors, list_tasks
 
-    from pipeline import jobs
     from pipeline.cli import main
+    from pipeline.cluster import jobs
 
     fs, base = s3.filesystem(), f"{s3.bucket}/cluster-test"
     wd = tmp_path / "wd"

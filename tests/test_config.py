@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, apply_overrides, load_config, parse_config
+from pipeline.config import apply_overrides, load_config, parse_config
+from pipeline.errors import ConfigError
 from tests.conftest import tiny_raw
 
 

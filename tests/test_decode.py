@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig, load_model, save_model, state_dict_for_save
-from pipeline.config import ConfigError, parse_config
-from pipeline.generation import SamplingOptions, complete, completion_logprobs
+from pipeline.completion import SamplingOptions, complete, completion_logprobs
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
 from pipeline.stages.decode import _section, decode_samples, read_prompts, write_samples
 from tests.conftest import WORDS, tiny_raw
 from tokenization.bpe import load_tokenizer, train_bpe

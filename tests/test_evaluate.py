@@ -15,7 +15,13 @@ import yaml
 from PIL import Image
 
 from model import GPT, ModelConfig
-from pipeline.stages.evaluate import EvalOptions, plot, score_windows, sweep, window_plan
+from pipeline.stages.evaluate import (
+    EvalOptions,
+    plot,
+    score_windows,
+    sweep,
+    window_plan,
+)
 from tests.conftest import tiny_raw
 
 V = 97

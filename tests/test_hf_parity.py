@@ -9,7 +9,15 @@ import json
 import pytest
 import torch
 
-from model import GPT, ModelConfig, beam_search, export_hf, generate, generate_batch, import_hf
+from model import (
+    GPT,
+    ModelConfig,
+    beam_search,
+    export_hf,
+    generate,
+    generate_batch,
+    import_hf,
+)
 
 GPT2 = dict(pos_encoding="learned", norm="layernorm", bias=True)
 LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", norm_eps=1e-6)

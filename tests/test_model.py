@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from model import GPT, ModelConfig, generate, load_model, save_model, state_dict_for_save
+from model import (
+    GPT,
+    ModelConfig,
+    generate,
+    load_model,
+    save_model,
+    state_dict_for_save,
+)
 from model.kv_cache import KVCache
 
 

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from model import GPT, PRESETS, KVCache, ModelConfig, flops_per_token, param_count, preset
+from model import (
+    GPT,
+    PRESETS,
+    KVCache,
+    ModelConfig,
+    flops_per_token,
+    param_count,
+    preset,
+)
 from model.layers import alibi_slopes, sinusoidal_positions
 
 POS = ["learned", "sinusoidal", "rope", "alibi", "none"]

@@ -15,8 +15,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.stages.prepare import plan_shards
-from tokenization.documents import DocOptions, doc_hash, documents, first_occurrences, is_validation, length_histogram
-from tokenization.readers import InputError, InputFile, Piece, SkipLog, iter_documents, read_range, resolve_inputs, split_file
+from tokenization.documents import (
+    DocOptions,
+    doc_hash,
+    documents,
+    first_occurrences,
+    is_validation,
+    length_histogram,
+)
+from tokenization.readers import (
+    InputError,
+    InputFile,
+    Piece,
+    SkipLog,
+    iter_documents,
+    read_range,
+    resolve_inputs,
+    split_file,
+)
 
 
 def _jsonl(path, rows):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.cluster import task_options, train_scaling
-from pipeline.config import ConfigError, StageResources, load_config
-from pipeline.jobs import JobError, check_submittable
+from pipeline.cluster.jobs import check_submittable
+from pipeline.cluster.resources import task_options, train_scaling
+from pipeline.config import StageResources, load_config
+from pipeline.engine.stage import fingerprint
+from pipeline.errors import ConfigError, JobError
 from pipeline.stages import STAGES
-from pipeline.workflow import fingerprint
 from tests.conftest import tiny_raw
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.train_loop import deepspeed_config, lr_at, resolve_precision
+from pipeline.errors import ConfigError
+from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
 
 TRAIN = {"micro_batch_size": 4, "global_batch_size": 32, "grad_clip": 1.0, "zero_stage": 2, "deepspeed": {}}
 
@@ -79,7 +79,7 @@ def test_a_global_batch_in_tokens_sets_the_batch_in_sequences(tmp_path):
 def test_mfu_uses_the_configured_peak_and_the_progress_line_reads_well():
     import torch
 
-    from pipeline.train_support import peak_flops, progress_line
+    from pipeline.stages.train.metrics import peak_flops, progress_line
 
     assert peak_flops(torch.device("cpu"), None) is None and peak_flops(torch.device("cpu"), 2.0) == 2e12
     line = progress_line(120, 500, {"train/loss": 4.8123, "train/lr": 1.9e-3, "train/tokens_per_s": 12345.0, "train/mfu": 0.4},

@@ -7,8 +7,11 @@ import json
 import pytest
 
 from pipeline.config import fingerprint_view
-from pipeline.store import MARKER, ArtifactStore
-from pipeline.workflow import Stage, WorkflowError, execute, fingerprint, plan
+from pipeline.engine.execute import execute
+from pipeline.engine.plan import plan
+from pipeline.engine.stage import Stage, fingerprint
+from pipeline.engine.store import MARKER, ArtifactStore
+from pipeline.errors import WorkflowError
 from pipeline.stages import STAGES
 
 
@@ -181,7 +184,7 @@ def test_commit_writes_the_marker_last_with_the_file_list(tmp_path):
 def test_the_mlflow_experiment_opens_as_model_training(tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.mlflow import Tracker
 
     Tracker("kind-test")
     exp = MlflowClient(tracking_uri).get_experiment_by_name("kind-test")

@@ -36,6 +36,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -358,3 +359,8 @@ def _parquet(uri: str, text_field: str, log: SkipLog | None) -> Iterator[str]:
                 else:
                     where = f"{uri}: row {row}"
                     _bad(log, "not_a_string", f"{where}: column {text_field!r} is {type(value).__name__}, not a string", where)
+
+def input_identity(files: list[InputFile]) -> dict[str, str]:
+    """uri -> "size bytes, mtime": a changed, added or removed file shows up by name in `status`."""
+    return {f.uri: f"{f.size} bytes, modified {datetime.fromtimestamp(f.mtime_ns / 1e9, timezone.utc):%Y-%m-%d %H:%M:%S.%f}"
+            for f in files}

@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from tokenization.bpe import encode_documents, id_dtype, load_tokenizer
-from tokenization.documents import DocOptions, doc_hash, documents, is_validation, length_histogram
+from tokenization.documents import (
+    DocOptions,
+    doc_hash,
+    documents,
+    is_validation,
+    length_histogram,
+)
 from tokenization.readers import InputFile, Piece, SkipLog, split_file
 from tokenization.shards import write_shard
 

@@ -17,12 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError, DecodeConfig, fingerprint_view
-from pipeline.cluster import task_options
-from pipeline.generation import SamplingOptions, complete
-from pipeline.stages.train import MODEL_FILES
-from pipeline.store import StageRef
-from pipeline.workflow import Stage, StageContext
+from pipeline.artifacts import MODEL_FILES
+from pipeline.cluster.resources import task_options
+from pipeline.completion import SamplingOptions, complete
+from pipeline.config import Config, DecodeConfig, fingerprint_view
+from pipeline.engine.stage import Stage, StageContext
+from pipeline.engine.store import StageRef
+from pipeline.errors import ConfigError
 
 
 def read_prompts(d: DecodeConfig) -> list[str]:

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.artifacts import MODEL_FILES
+from pipeline.cluster.resources import task_options
 from pipeline.config import Config, EvaluateConfig, fingerprint_view
+from pipeline.engine.stage import Stage, StageContext
+from pipeline.engine.store import StageRef
 from pipeline.plots import line_chart
-from pipeline.cluster import task_options
-from pipeline.stages.train import MODEL_FILES, seq_len
-from pipeline.store import StageRef
-from pipeline.workflow import Stage, StageContext
-from tokenization.shards import shard_paths
 from tokenization.readers import InputError
+from tokenization.shards import shard_paths
 
 Window = tuple[int, int, int]  # (buffer, first token, first scored target within the window)
 
@@ -257,7 +257,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     cfg = ctx.config
     task = ray.remote(_evaluate_task).options(**task_options(cfg.resources.evaluate, "evaluate"))
-    result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, train_seq_len=seq_len(cfg),
+    result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, train_seq_len=cfg.train_seq_len,
                                  opts=EvalOptions.from_config(cfg.evaluate)))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:

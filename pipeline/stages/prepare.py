@@ -19,32 +19,20 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import faults, tasks
-from pipeline.cluster import task_options
+from pipeline import faults
+from pipeline import ray_tasks as tasks
+from pipeline.cluster.resources import task_options
 from pipeline.config import Config, fingerprint_view
-from pipeline.workflow import Stage, StageContext
+from pipeline.engine.stage import Stage, StageContext
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
-from tokenization.documents import LENGTH_EDGES, DocOptions, first_occurrences
-from tokenization.readers import InputError, InputFile, resolve_inputs
+from tokenization.documents import LENGTH_EDGES, first_occurrences
+from tokenization.readers import InputError, input_identity, resolve_inputs
 from tokenization.sharding import plan_shards
-
-
-def input_identity(files: list[InputFile]) -> dict[str, str]:
-    """uri -> "size bytes, mtime": a changed, added or removed file shows up by name in `status`."""
-    return {f.uri: f"{f.size} bytes, modified {datetime.fromtimestamp(f.mtime_ns / 1e9, timezone.utc):%Y-%m-%d %H:%M:%S.%f}"
-            for f in files}
-
-
-def doc_options(cfg: Config) -> DocOptions:
-    d = cfg.data
-    return DocOptions(text_field=d.text_field, on_error=d.on_error, replace_invalid_utf8=d.replace_invalid_utf8,
-                      normalize=d.normalize, min_chars=d.min_chars, max_chars=d.max_chars)
 
 
 def _section(cfg: Config) -> dict[str, Any]:
@@ -64,7 +52,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     cfg = ctx.config
     d = cfg.data
     tok = ctx.inputs["tokenizer"]
-    opts = doc_options(cfg)
+    opts = cfg.data.doc_options()
     shards = plan_shards(resolve_inputs(d.inputs), max(1, int(d.shard_size_mb * 2**20)))
     groups = _shard_groups(len(shards), d.num_tasks)
     res = cfg.resources.prepare

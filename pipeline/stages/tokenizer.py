@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import tasks
-from pipeline.cluster import task_options
-from pipeline.config import Config, ConfigError, fingerprint_view
-from pipeline.stages.prepare import doc_options, input_identity
-from pipeline.workflow import Stage, StageContext
+from pipeline import ray_tasks as tasks
+from pipeline.cluster.resources import task_options
+from pipeline.config import Config, fingerprint_view
+from pipeline.engine.stage import Stage, StageContext
+from pipeline.errors import ConfigError
 from tokenization.bpe import load_tokenizer, tokenizer_hash
-from tokenization.readers import resolve_inputs
+from tokenization.readers import input_identity, resolve_inputs
 
 
 def _given_path(path: str) -> Path:
@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         return {"vocab_size": float(tok.get_vocab_size())}
     res = cfg.resources.tokenizer
     task = ray.remote(tasks.tokenizer_task).options(**task_options(res, "tokenizer", max_retries=cfg.data.max_retries))
-    metrics, text = ray.get(task.remote(resolve_inputs(cfg.data.inputs), opts=doc_options(cfg), vocab_size=t.vocab_size,
+    metrics, text = ray.get(task.remote(resolve_inputs(cfg.data.inputs), opts=cfg.data.doc_options(), vocab_size=t.vocab_size,
                                         min_frequency=t.min_frequency, max_train_bytes=t.max_train_bytes,
                                         special_tokens=t.special_tokens))
     (ctx.out_dir / "tokenizer.json").write_text(text, encoding="utf-8")

@@ -20,9 +20,11 @@ import pytest
 import yaml
 
 from pipeline.config import parse_config
+from pipeline.engine.execute import execute
+from pipeline.engine.plan import plan
+from pipeline.engine.stage import Stage, StageContext
+from pipeline.engine.store import MARKER, ArtifactStore
 from pipeline.stages import STAGES
-from pipeline.store import MARKER, ArtifactStore
-from pipeline.workflow import Stage, StageContext, execute, plan
 from tests.conftest import tiny_raw
 from tokenization.bpe import load_tokenizer
 

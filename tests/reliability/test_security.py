@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
     ("tokenizer.special_tokens", False), ("decode.max_new_tokens", False), ("train.global_batch_tokens", False),
 ])
 def test_a_key_is_secret_when_a_part_of_it_names_a_secret_and_not_when_it_names_vocabulary(key, secret):
-    from pipeline.tracking import is_secret_key
+    from pipeline.tracking.redact import is_secret_key
 
     assert is_secret_key(key) is secret
 
@@ -39,8 +39,9 @@ def test_a_key_is_secret_when_a_part_of_it_names_a_secret_and_not_when_it_names_
 def test_secrets_in_the_config_never_reach_mlflow_params(tiny_config, tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.store import ArtifactStore
-    from pipeline.workflow import execute, plan
+    from pipeline.engine.execute import execute
+    from pipeline.engine.plan import plan
+    from pipeline.engine.store import ArtifactStore
     from tests.test_workflow import fake_stages
 
     deepspeed = {"wandb": {"enabled": False, "api_key": "LEAK-1"}, "comms_logger": {"enabled": False, "Token": "LEAK-2"}}
@@ -71,7 +72,7 @@ import json, os, urllib.error, urllib.request
 import grpc, psutil, ray
 from ray._raylet import AuthenticationMode, get_authentication_mode
 from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-from pipeline.workflow import _Ray
+from pipeline.cluster.runtime import RayRuntime
 
 def http_status(url, token=None):
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -91,7 +92,7 @@ def gcs_status(address, token=None):
         except grpc.RpcError as e:
             return e.code().name
 
-ray_ = _Ray()
+ray_ = RayRuntime()
 ray_.ensure()  # exactly as `llmpipe run` starts Ray
 try:
     info = ray._private.worker.global_worker.node.address_info
@@ -158,7 +159,7 @@ def test_a_model_file_replaced_by_a_pickle_is_refused_and_never_executed(tmp_pat
 
     from model import import_hf, load_model
     from model.hf import export_hf
-    from pipeline.train_support import initial_weights
+    from pipeline.stages.train.init_from import initial_weights
     from tests.test_decode import make_model_dir
 
     folder = make_model_dir(tmp_path / "model")
@@ -212,7 +213,7 @@ def test_a_tampered_newest_checkpoint_is_refused_on_resume_and_its_pickle_never_
                                                                                        ray_worker_output, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.checkpoints import verify_checkpoint
+    from pipeline.stages.train.checkpoints import verify_checkpoint
 
     cfg, root = pipeline_config(steps=6, checkpoint_every=3, log_model=False)
     assert cli.main(["run", cfg, "--only", "train"]) == 0

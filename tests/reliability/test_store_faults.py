@@ -25,12 +25,12 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.checkpoints import MARKER as CKPT_MARKER
-from pipeline.checkpoints import Checkpoints, verify_checkpoint
 from pipeline.config import load_config
+from pipeline.engine.plan import plan
+from pipeline.engine.store import MARKER, ArtifactStore
 from pipeline.stages import STAGES
-from pipeline.store import MARKER, ArtifactStore
-from pipeline.workflow import plan
+from pipeline.stages.train.checkpoints import MARKER as CKPT_MARKER
+from pipeline.stages.train.checkpoints import Checkpoints, verify_checkpoint
 from tests.conftest import tiny_raw
 from tests.test_checkpoints import _ckpt
 
@@ -127,7 +127,7 @@ def test_a_newest_checkpoint_cut_in_half_falls_back_to_the_previous_one_with_a_w
 
 TRAIN = r"""
 import json, sys
-from pipeline.train_loop import train_loop_per_worker
+from pipeline.stages.train.worker import train_loop_per_worker
 train_loop_per_worker(json.loads(sys.argv[1]))
 """
 

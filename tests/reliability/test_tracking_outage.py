@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.tracking import StepLogger, Tracker
+from pipeline.tracking.mlflow import StepLogger, Tracker
 from tests.conftest import tiny_raw
 from tests.servers import MlflowServer, free_port
 
@@ -223,7 +223,7 @@ def test_runs_and_calls_made_during_an_outage_are_created_and_replayed_when_the_
 def test_the_null_tracker_has_every_public_method_of_the_tracker_with_the_same_signature():
     import inspect
 
-    from pipeline.tracking import NullStepLogger, NullTracker
+    from pipeline.tracking.mlflow import NullStepLogger, NullTracker
 
     for real, null in ((Tracker, NullTracker), (StepLogger, NullStepLogger)):
         public = {n for n, f in inspect.getmembers(real, inspect.isfunction) if not n.startswith("_")}

@@ -8,15 +8,10 @@ through DeepSpeed's save/load. Under Ray each rank's checkpoint files are
 reported with `ray.train.report`, which merges them into one folder in the run's
 storage and restores the newest on a worker-group restart or a rerun; without
 Ray they go to a local folder.
-
-The two pure pieces the rest of the project tests directly: `deepspeed_config`
-(micro batch x accumulation x world size = global batch) and `lr_at` (the LR
-schedule as a function of the step).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -33,88 +28,17 @@ import torch
 
 from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_save
 from pipeline import faults
-from pipeline.checkpoints import STATE, Checkpoints, check_same_layout
-from pipeline.config import ConfigError
-from pipeline.store import StageRef
-from pipeline.tracking import step_logger
-from pipeline.train_support import check_init_compatible, initial_weights, peak_flops, progress_line, validation_loss
+from pipeline.engine.store import StageRef
+from pipeline.errors import TrainingError
+from pipeline.stages.train.checkpoints import STATE, Checkpoints, check_same_layout
+from pipeline.stages.train.init_from import check_init_compatible, initial_weights
+from pipeline.stages.train.metrics import peak_flops, progress_line, validation_loss
+from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
+from pipeline.tracking.mlflow import step_logger
 from tokenization.dataset import TokenWindows, sample_indices
 from tokenization.shards import shard_paths
 
 DS_TAG = "deepspeed"
-
-
-# --- pure pieces -------------------------------------------------------------
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int, schedule: str = "cosine",
-          decay_fraction: float = 0.2) -> float:
-    """The learning rate of optimizer step `step` (0-based): linear warmup to `lr`, then
-    cosine or linear decay to `min_lr` at `total_steps`, constant, or warmup-stable-decay
-    (constant until the last `decay_fraction` of the steps, then linear to `min_lr`)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    if schedule == "wsd":
-        decay_start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))
-        if step < decay_start:
-            return lr
-        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-        return lr + (min_lr - lr) * progress
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return lr + (min_lr - lr) * progress
-    assert schedule == "cosine", f"unknown lr schedule {schedule!r}"
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_precision(precision: str, *, on_gpu: bool, bf16_supported: bool) -> str:
-    if precision == "auto":
-        return "bf16" if on_gpu and bf16_supported else "fp32"
-    if precision in ("bf16", "fp16") and not on_gpu:
-        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or auto on CPU")
-    return precision
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for k, v in extra.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
-
-
-def _zero_section(train: dict[str, Any]) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": int(train["zero_stage"])}
-    if train.get("offload_optimizer"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if train.get("offload_params"):
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return zero
-
-
-def deepspeed_config(train: dict[str, Any], *, world_size: int, precision: str) -> dict[str, Any]:
-    """The DeepSpeed JSON for a pipeline `train` section (raw `train.deepspeed` merged last)."""
-    micro, global_batch = train["micro_batch_size"], train["global_batch_size"]
-    if global_batch % (micro * world_size):
-        raise ConfigError(f"train.global_batch_size ({global_batch}) must be a multiple of "
-                          f"train.micro_batch_size ({micro}) x world size ({world_size})")
-    cfg: dict[str, Any] = {
-        "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": global_batch // (micro * world_size),
-        "gradient_clipping": float(train["grad_clip"]),
-        "zero_optimization": _zero_section(train),
-        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO (no CUDA-only fused Adam)
-        "zero_force_ds_cpu_optimizer": False,  # offload keeps our AdamW rather than requiring DeepSpeedCPUAdam
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    cfg = _merge(cfg, copy.deepcopy(train.get("deepspeed") or {}))
-    ds = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size
-    if ds != cfg["train_batch_size"]:
-        raise ConfigError(f"train.deepspeed: train_batch_size {cfg['train_batch_size']} != micro batch x accumulation x world size ({ds})")
-    return cfg
 
 
 # --- the worker ----------------------------------------------------------------
@@ -163,7 +87,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(TrainingError):
     """The loss became NaN or infinite: training stops, the last good checkpoint is kept."""
 
 
@@ -338,7 +262,7 @@ def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: Path) -> 
     world = torch.distributed.get_world_size()
     if state.get("model", cfg.model) != cfg.model:
         diff = {k: (state["model"].get(k), v) for k, v in cfg.model.items() if state["model"].get(k) != v}
-        raise RuntimeError(f"checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
+        raise TrainingError(f"train: checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
     check_same_layout(state, world, where)
 
 
@@ -351,4 +275,3 @@ def _consolidated_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return state_dict_for_save(module) if rank == 0 else None
     return state_dict_for_save(module) if rank == 0 else None
-

@@ -1,6 +1,4 @@
-"""What the training loop needs besides the loop: MFU's peak FLOP/s, the periodic
-validation pass, starting weights for fine-tuning (`train.init_from`), and the
-progress line rank 0 prints.
+"""What training reports besides the loss: MFU's peak FLOP/s, the periodic validation loss, the progress line.
 
 Plain PyTorch (DeepSpeed's engine is passed in, never imported), so each piece
 can be tested alone.
@@ -8,8 +6,6 @@ can be tested alone.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,53 +49,6 @@ def validation_loss(engine: Any, windows: TokenWindows, *, rank: int, world: int
     engine.train()
     torch.distributed.all_reduce(totals)
     return float(totals[0] / totals[1])
-
-
-def _init_folder(path: str) -> tuple[Path, str]:
-    folder = Path(path).expanduser()
-    if (folder / "model.json").is_file():
-        return folder, "ours"
-    if (folder / "config.json").is_file():
-        return folder, "hf"
-    raise FileNotFoundError(f"train.init_from: {folder} holds neither model.json (a trained model) nor config.json (Hugging Face)")
-
-
-def init_config(path: str) -> dict[str, Any]:
-    """The model config of `train.init_from`, read without loading its weights (the driver's pre-launch check)."""
-    from model.hf import read_hf_config
-
-    folder, kind = _init_folder(path)
-    if kind == "ours":
-        return json.loads((folder / "model.json").read_text(encoding="utf-8"))["model_config"]
-    return read_hf_config(folder)[0].to_dict()
-
-
-def initial_weights(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(model config, state dict) from a train stage folder, a model folder or a local Hugging Face folder."""
-    from model import import_hf, load_model, state_dict_for_save
-
-    folder, kind = _init_folder(path)
-    model = load_model(folder)[0] if kind == "ours" else import_hf(folder)
-    return model.config.to_dict(), state_dict_for_save(model)
-
-
-def init_identity(path: str) -> dict[str, Any]:
-    """What enters the train fingerprint for `init_from`: the path and its weight files' sizes and mtimes."""
-    folder = Path(path).expanduser()
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
-    return {"path": str(folder.resolve()), "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
-
-
-def check_init_compatible(init_config: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
-    """Fine-tuning needs the same architecture: name every field that differs (defaults resolved first)."""
-    from model import ModelConfig
-
-    init_config, wanted = ModelConfig(**init_config).to_dict(), ModelConfig(**wanted).to_dict()
-    keys = [k for k in wanted if k not in ("dropout", "activation_checkpointing") and k in init_config]
-    diff = [f"{k}: {init_config[k]!r} there, {wanted[k]!r} here" for k in keys if init_config[k] != wanted[k]]
-    if diff:
-        raise ValueError(f"train.init_from {where} has another architecture ({'; '.join(diff)}); "
-                         "set the model section (and tokenizer.path) to match it")
 
 
 def progress_line(step: int, total: int, metrics: dict[str, float], elapsed_s: float, done_before: int) -> str:

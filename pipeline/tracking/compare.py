@@ -16,7 +16,8 @@ import fnmatch
 import re
 from typing import Any
 
-from pipeline.runs import TargetError, client, get_run, stage_run
+from pipeline.errors import TargetError
+from pipeline.tracking.lookup import client, get_run, stage_run
 
 HEADLINE = ["val_loss", "val_ppl", "val_bpb", "val_token_accuracy", "unigram_loss", "unigram_ppl", "val_tokens"]
 _SWEEP = re.compile(r"(ppl|loss|bpb)_ctx_(\d+)(?:_(\w+))?")

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline.errors import ConfigError
 from tokenization.shards import sha256_file
 
 STATE = "train_state.json"
@@ -107,6 +108,6 @@ def check_same_layout(state: dict, num_workers: int, where: Path) -> None:
     """ZeRO shards are per worker: a checkpoint resumes only with the worker count that wrote it."""
     written_by = state.get("world_size", num_workers)
     if written_by != num_workers:
-        raise ValueError(f"train: {where} was written by {written_by} workers and this run asks for {num_workers}; "
+        raise ConfigError(f"train: {where} was written by {written_by} workers and this run asks for {num_workers}; "
                          f"resume with train.num_workers={written_by} (ZeRO shards are per worker), "
                          f"or use --force train to start over")

@@ -7,8 +7,8 @@ optional `max_new_tokens` and `temperature` columns, and returns one completion
 per row. The model carries its own code (`model/` and `pipeline/` as code paths)
 and needs only torch, tokenizers and safetensors to run, so a server started with
 `mlflow models serve -m <uri> --env-manager local --host 127.0.0.1` loads it
-without the rest of the pipeline. This module and `pipeline.tracking` are the two
-that write to MLflow: the pyfunc flavour needs MLflow's own model logging.
+without the rest of the pipeline. Like everything that speaks to MLflow it lives in
+`pipeline.tracking`; the pyfunc flavour needs MLflow's own model logging.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from pipeline.runs import MODEL_FILES
+from pipeline.artifacts import MODEL_FILES
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50}
 
 
@@ -53,7 +53,7 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         -> one completion (str) per row."""
         import pandas as pd
 
-        from pipeline.generation import SamplingOptions, complete
+        from pipeline.completion import SamplingOptions, complete
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:

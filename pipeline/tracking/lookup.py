@@ -1,6 +1,6 @@
 """From what a user has at hand (a stage folder, an MLflow run id) to a trained model or an evaluation run.
 
-The write side of MLflow is `pipeline.tracking`; this is the read side, used by
+The write side of MLflow is `pipeline.tracking.mlflow`; this is the read side, used by
 `llmpipe generate`, `export-hf` and `compare`. A run id resolves through the tags
 every stage child run carries (`stage`, `fingerprint`, `artifact_uri`): a train
 run is its own folder; an evaluate or decode run names its train upstream in its
@@ -12,17 +12,15 @@ was tried, which the CLI prints as one line.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import model_dir_from_folder
+from pipeline.errors import TargetError
+
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
-MODEL_FILES = ("model.safetensors", "model.json", "tokenizer.json")
 
-
-class TargetError(LookupError):
-    """A folder or MLflow run that leads to no trained model or evaluation (names what was tried)."""
 
 
 def client(tracking_uri: str | None = None) -> Any:
@@ -65,29 +63,10 @@ def stage_run(run_id: str, stage: str, *, tracking_uri: str | None = None) -> An
     return children[0]
 
 
-def _has_model(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in MODEL_FILES)
-
-
-def model_dir_from_folder(folder: Path) -> Path:
-    """A train stage folder (or any folder with model.safetensors, model.json, tokenizer.json), or an evaluate or
-    decode stage folder, whose committed manifest names its train upstream (a sibling in the same store)."""
-    if _has_model(folder):
-        return folder
-    marker = folder / "_COMPLETE.json"
-    if not marker.is_file():
-        raise TargetError(f"{folder}: no {', '.join(MODEL_FILES)} and no _COMPLETE.json (not a committed stage folder)")
-    train_fp = json.loads(marker.read_text(encoding="utf-8")).get("upstream", {}).get("train")
-    if not train_fp:
-        raise TargetError(f"{folder}: this stage has no train upstream; give a train, evaluate or decode stage folder")
-    train_dir = folder.parent.parent / "train" / train_fp[:16]
-    if not _has_model(train_dir):
-        raise TargetError(f"{folder}: its train upstream {train_dir} is missing or incomplete")
-    return train_dir
 
 
 def _model_dir_from_run(run: Any) -> Path:
-    from pipeline.store import ArtifactStore
+    from pipeline.engine.store import ArtifactStore
 
     tags = run.data.tags
     uri, stage, fp = tags.get("artifact_uri"), tags.get("stage"), tags.get("fingerprint")

@@ -30,12 +30,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.errors import StoreError
+
 MARKER = "_COMPLETE.json"
 SHORT = 16  # hex chars of the fingerprint used in folder names
 
-
-class StoreError(RuntimeError):
-    """The artifact store cannot be read or written (names the path)."""
 
 
 def _is_uri(root: str) -> bool:
@@ -99,6 +98,12 @@ class ArtifactStore:
             if info.type != pafs.FileType.File or info.size != f["size"]:
                 return None
         return m
+
+    def folder_manifest(self, stage: str, folder_name: str) -> dict[str, Any] | None:
+        """The committed manifest of `<root>/<stage>/<folder_name>` when all you have is the folder."""
+        m = self.read_json(f"{self.base}/{stage}/{folder_name}/{MARKER}")
+        fp = m.get("fingerprint") if isinstance(m, dict) else None
+        return self.manifest(stage, fp) if isinstance(fp, str) and fp[:SHORT] == folder_name else None
 
     def exists(self, stage: str, fingerprint: str) -> bool:
         info = self.fs.get_file_info(self.stage_path(stage, fingerprint))

@@ -37,7 +37,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.store import SHORT, ArtifactStore, StoreError
+from pipeline.engine.store import SHORT, ArtifactStore
+from pipeline.errors import StoreError
 
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a filesystem without flock
 

@@ -19,32 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import faults
-from pipeline.config import Config, ConfigError, fingerprint_view
-from pipeline.checkpoints import check_resume_layout
-from pipeline.cluster import train_scaling
-from pipeline.train_loop import STATE, train_loop_per_worker
-from pipeline.train_support import check_init_compatible, init_config, init_identity
-from pipeline.workflow import Stage, StageContext
-
-
-MODEL_FILES = ("model.safetensors", "model.json", "tokenizer.json")  # what evaluate, decode and the tools load
-
-
-class TrainingError(RuntimeError):
-    """Training failed after Ray Train's retries."""
-
-
-def _root_cause(e: BaseException) -> str:
-    """One line for the user: the innermost worker error Ray wrapped, e.g. the non-finite loss."""
-    text = str(e)
-    for marker in ("NonFiniteLoss: ", "ValueError: ", "RuntimeError: ", "AssertionError: "):
-        if marker in text:
-            return "train: " + text.rsplit(marker, 1)[1].strip().splitlines()[0].removeprefix("train: ")
-    return f"train: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def seq_len(cfg: Config) -> int:
-    return cfg.train.seq_len or cfg.model.max_seq_len
+from pipeline.cluster.resources import train_scaling
+from pipeline.config import Config, fingerprint_view
+from pipeline.engine.stage import Stage, StageContext
+from pipeline.errors import TrainingError, UserError, user_cause
+from pipeline.stages.train.checkpoints import check_resume_layout
+from pipeline.stages.train.init_from import (
+    check_init_compatible,
+    init_config,
+    init_identity,
+)
+from pipeline.stages.train.worker import STATE, train_loop_per_worker
 
 
 def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
@@ -69,19 +54,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     scaling = train_scaling(cfg.resources.train, t.num_workers)
     store = ctx.output.store()
     if t.init_from:  # refuse a mismatched architecture before launching anything
-        try:
-            check_init_compatible(init_config(t.init_from), model_dict(cfg, vocab), t.init_from)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_init_compatible(init_config(t.init_from), model_dict(cfg, vocab), t.init_from)
     if "://" not in ctx.out_uri:  # a kept folder (resume): same worker count as its checkpoints, before launch
-        try:
-            check_resume_layout(f"{ctx.out_uri}/ray_train", t.num_workers)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_resume_layout(f"{ctx.out_uri}/ray_train", t.num_workers)
     worker_config = {
         "model": model_dict(cfg, vocab),
         "train": t.model_dump(mode="json"),
-        "seq_len": seq_len(cfg),
+        "seq_len": cfg.train_seq_len,
         "train_shards": [],  # each worker opens the prepared data on its own node
         "prepare": asdict(ctx.inputs["prepare"].ref),
         # Ray persists checkpoints to <stage>/ray_train/<step>; on a local store the workers mark and verify them there.
@@ -105,8 +84,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     try:
         result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in several types; report the root cause
-        raise TrainingError(_root_cause(e)) from e
+    except Exception as e:  # Ray wraps a worker's error; a user error inside it is reported as itself
+        cause = user_cause(e)
+        if cause is None:
+            raise
+        raise (cause if isinstance(cause, UserError) else TrainingError(f"train: {cause}")) from e
     if result.checkpoint is None:
         raise TrainingError("train: Ray Train finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

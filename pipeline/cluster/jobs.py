@@ -24,16 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import is_local_tracking_uri, keep_ray_token_auth
+from pipeline.cluster.preflight import is_local_tracking_uri
+from pipeline.cluster.runtime import keep_ray_token_auth
 from pipeline.config import load_config
+from pipeline.errors import JobError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 AGENT_WAIT_S = 120  # how long to wait for a just-started head's job agent
 EXCLUDES = [".venv/", "artifacts/", "mlruns/", "mlflow.db", ".git/", ".whl/", "__pycache__/", ".pytest_cache/"]
 
-
-class JobError(RuntimeError):
-    """The job server cannot be reached, or a job request cannot be honoured."""
 
 
 def job_address(address: str | None = None) -> str:

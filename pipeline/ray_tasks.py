@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import faults
-from pipeline.store import StageRef
+from pipeline.engine.store import StageRef
 
 
 def _limit_threads(num_cpus: float) -> None:

@@ -1,0 +1,106 @@
+"""Pre-flight checks that make a multi-node run safe, run once Ray is up and before any stage starts.
+
+On a cluster of more than one node, every node must see the same artifact store
+and the same MLflow store, or a stage would commit files other nodes cannot read
+and runs would land in a SQLite file on one machine. So `preflight` refuses a
+local (SQLite or file) tracking URI, a loopback tracking URI when nodes sit on
+other hosts, and an artifact root that a probe task on some node cannot read (a
+local folder that is not a shared mount, or object storage without credentials
+there).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.config import Config
+from pipeline.engine.store import ArtifactStore
+from pipeline.errors import ClusterError
+
+# --- preflight --------------------------------------------------------------
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def is_local_tracking_uri(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # a bare path (or a Windows drive letter)
+
+
+def _is_loopback(uri: str) -> bool:
+    host = urlparse(uri).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_tracking(cfg: Config, tracking_uri: str | None, nodes: list[dict[str, Any]]) -> None:
+    if not cfg.tracking.enabled or len(nodes) < 2 or tracking_uri is None:
+        return
+    if is_local_tracking_uri(tracking_uri):
+        raise ClusterError(
+            f"tracking: MLflow tracking URI {tracking_uri!r} is a local store, but the Ray cluster has {len(nodes)} nodes "
+            "and training workers on other nodes cannot write to it; start an MLflow server that every node can reach "
+            "and set MLFLOW_TRACKING_URI=http://<host>:5000 (or set tracking.enabled: false)")
+    if _is_loopback(tracking_uri) and len({n["NodeManagerAddress"] for n in nodes}) > 1:
+        raise ClusterError(
+            f"tracking: MLflow tracking URI {tracking_uri!r} is a loopback address, but the Ray cluster spans "
+            f"{len({n['NodeManagerAddress'] for n in nodes})} hosts; use an address of the MLflow server that the "
+            "other nodes can reach (e.g. the head's private IP)")
+
+
+def _read_probe(root: str, path: str) -> str:
+    """Runs on one node: the probe file's content as that node sees it, or the error."""
+    try:
+        store = ArtifactStore(root)
+        with store.fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+    except Exception as e:  # noqa: BLE001 - any failure means this node cannot use the store
+        return f"error: {type(e).__name__}: {e}"
+
+
+def _probe_result(ref: Any) -> str:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    try:
+        return ray.get(ref, timeout=120)
+    except (GetTimeoutError, RayError) as e:  # a node dying or unschedulable is a node that cannot see the store
+        return f"error: the probe task did not run there ({type(e).__name__})"
+
+
+def check_store(store: ArtifactStore, nodes: list[dict[str, Any]]) -> None:
+    """Write a probe file into the store and read it back from a task pinned to every node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    path = f"{store.base}/_probe/{token}"
+    store.write_bytes(path, token.encode())
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(store.uri if not store.is_local else store.base, path) for n in nodes}
+        blind = [(n, seen) for n in nodes if (seen := _probe_result(refs[n["NodeID"]])) != token]
+    finally:
+        store.delete(path)
+    if blind:
+        node, seen = blind[0]
+        where = "a shared filesystem mounted at the same path on every node" if store.is_local else "credentials on every node"
+        raise ClusterError(
+            f"store.root {store.uri!r}: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) cannot read what the "
+            f"driver writes there ({seen if seen.startswith('error') else 'it sees other content'}); on a multi-node cluster "
+            f"the artifact root must be shared storage: an s3:// or gs:// URI, or {where}"
+            + (f" ({len(blind)} of {len(nodes)} nodes cannot)" if len(blind) > 1 else ""))
+
+
+def preflight(cfg: Config, store: ArtifactStore, tracking_uri: str | None) -> None:
+    """Refuse, before any stage starts, a cluster whose nodes would not share the store and the tracking."""
+    nodes = alive_nodes()
+    check_tracking(cfg, tracking_uri, nodes)
+    check_store(store, nodes)

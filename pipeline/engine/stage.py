@@ -1,0 +1,64 @@
+"""A stage declared as data, what it is handed when it runs, and its fingerprint.
+
+A `Stage` is a name, the stages it needs, a function selecting the part of the
+config that changes its output, a `version` (bump it when the output format or
+meaning changes) and `run(ctx) -> metrics`. Its fingerprint is the sha256 of the
+canonical JSON of `{stage, version, section, upstream fingerprints}`, so a
+change anywhere upstream changes every fingerprint downstream of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.engine.store import StageRef
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    fingerprint: str
+    ref: StageRef  # hand this to Ray tasks: they open it on their own node
+    manifest: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        """One committed file, readable by the driver (downloaded alone from a remote store)."""
+        return self.ref.local([name]) / name
+
+
+@dataclass
+class StageContext:
+    config: Config
+    stage: str
+    fingerprint: str
+    section: dict[str, Any]
+    out_dir: Path  # where the stage writes (local)
+    out_uri: str  # the stage folder in the store (a URI for remote stores)
+    inputs: dict[str, Upstream]
+    tracker: Any
+    run_id: str
+    output: StageRef  # this stage's folder, for Ray tasks that write into it from any node
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    section: Callable[[Config], dict[str, Any]]
+    version: int
+    run: Callable[[StageContext], dict[str, float]]
+    resumable: bool = False  # keep a partial folder (training resumes from its checkpoints)
+    uses_ray: bool = True
+    params: Callable[[Config], dict[str, Any]] | None = None  # logged to MLflow (default: section)
+
+
+def fingerprint(stage: Stage, section: dict[str, Any], upstream: dict[str, str]) -> str:
+    payload = {"stage": stage.name, "version": stage.version, "config": section, "upstream": upstream}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
