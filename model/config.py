@@ -1,7 +1,8 @@
 """The model's configuration, and the arithmetic that needs nothing but the configuration.
 
-`ModelConfig` is what `model.json` stores next to the weights, so its field names
-and defaults are a file format: a new field gets a default that reproduces the
+`ModelConfig` is what `model.json` stores next to the weights and, with its
+field docstrings, the `model` section of the pipeline's config, so its field
+names and defaults are a file format: a new field gets a default that reproduces the
 model as it was before the field existed (learned positions, LayerNorm, exact
 GELU, tied unembedding, one KV head per query head). `param_count` counts
 parameters from the config alone (the presets table and the FLOPs estimate use it
@@ -11,7 +12,8 @@ without building a model); `flops_per_token` is the training cost used for MFU.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -19,32 +21,63 @@ MLPS = ("gelu", "gelu_tanh", "swiglu")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 
 
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{field}: {message}")
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int
+    """The transformer's architecture; also the `model` section of an experiment config (one declaration)."""
+
+    # Read by pydantic when the pipeline validates a config (a plain dict: this module does not import pydantic).
+    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True, "allow_inf_nan": False}
+
+    vocab_size: int | None = None
+    """Vocabulary size; in a pipeline config it comes from the tokenizer, never from this section."""
     n_layer: int = 4
-    n_head: int = 4  # query heads
-    d_model: int = 128  # residual stream width; head_dim = d_model // n_head
-    d_ff: int | None = None  # MLP hidden width; default 4 * d_model (GELU) or ~8/3 * d_model (SwiGLU)
-    max_seq_len: int = 256  # training context; the size of a learned position table
-    pos_encoding: str = "learned"  # learned | sinusoidal | rope | alibi | none
-    dropout: float = 0.0  # embedding, attention-probability and residual dropout (training only)
-    bias: bool = True  # biases in every linear layer and in LayerNorm
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention (query) heads."""
+    n_kv_head: int | None = None
+    """Key/value heads: n_head (multi-head, default), a divisor (grouped-query), 1 (multi-query)."""
+    d_model: int = 128
+    """Residual stream width; head_dim = d_model / n_head."""
+    d_ff: int | None = None
+    """MLP hidden width (default 4 * d_model; about 8/3 * d_model for SwiGLU, rounded up to a multiple of 64)."""
+    max_seq_len: int = 256
+    """Training context; the size of a learned position table."""
+    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
+    """Positional encoding (all but learned can score windows longer than max_seq_len)."""
+    rope_theta: float = 10000.0
+    """RoPE base wavelength."""
+    rope_scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
+    """RoPE context extension used in training: position interpolation, NTK-aware base, or YaRN."""
+    rope_factor: float = 1.0
+    """Context extension factor for rope_scaling."""
+    rope_original_max_seq_len: int | None = None
+    """The context the RoPE was first trained at (YaRN's reference; default max_seq_len)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """MLP activation: exact GELU, GPT-2's tanh approximation, or LLaMA's SwiGLU."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the unembedding."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches (training only)."""
+    bias: bool = True
+    """Biases in every linear layer and in LayerNorm."""
     norm_eps: float = 1e-5
-    init_std: float = 0.02  # N(0, init_std); residual output projections get init_std / sqrt(2 * n_layer)
-    n_kv_head: int | None = None  # key/value heads: n_head (multi-head), a divisor (grouped-query), 1 (multi-query)
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu (exact erf) | gelu_tanh (GPT-2's tanh approximation) | swiglu (LLaMA)
-    tie_embeddings: bool = True  # unembedding shares the token-embedding matrix
-    rope_theta: float = 10000.0  # RoPE base wavelength
-    rope_scaling: str = "none"  # none | linear (position interpolation) | ntk (NTK-aware base) | yarn
-    rope_factor: float = 1.0  # context extension factor for rope_scaling
-    rope_original_max_seq_len: int | None = None  # context the RoPE was trained at (yarn); default max_seq_len
-    activation_checkpointing: bool = False  # recompute each block in the backward pass (training mode only)
+    """Normalisation epsilon."""
+    init_std: float = 0.02
+    """Init std; residual output projections get init_std / sqrt(2 * n_layer)."""
+    activation_checkpointing: bool = field(default=False, metadata={"fingerprint": False})
+    """Recompute each block in the backward pass (less memory, same result)."""
 
     def __post_init__(self) -> None:
-        _check(self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
-        _check(self.n_layer > 0 and self.n_head > 0, "n_layer/n_head", f"must be > 0, got {self.n_layer}/{self.n_head}")
+        _check(self.vocab_size is None or self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
+        for name in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.d_model % self.n_head == 0, "d_model", f"{self.d_model} is not divisible by n_head {self.n_head}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -54,14 +87,19 @@ class ModelConfig:
         _check(self.norm in NORMS, "norm", f"{self.norm!r} is not one of {NORMS}")
         _check(self.mlp in MLPS, "mlp", f"{self.mlp!r} is not one of {MLPS}")
         _check(self.rope_scaling in ROPE_SCALINGS, "rope_scaling", f"{self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         _check(self.rope_factor >= 1.0, "rope_factor", f"must be >= 1, got {self.rope_factor}")
+        _check(self.rope_original_max_seq_len is None or self.rope_original_max_seq_len >= 1, "rope_original_max_seq_len",
+               f"must be >= 1, got {self.rope_original_max_seq_len}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.norm_eps > 0 and self.init_std > 0, "norm_eps/init_std", f"must be > 0, got {self.norm_eps}/{self.init_std}")
         if self.pos_encoding == "rope":
             _check(self.head_dim % 2 == 0, "d_model", f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.d_ff is None:
             # SwiGLU has three matrices instead of two: 8/3 * d keeps the MLP's parameters at ~8 d^2 (LLaMA),
             # rounded up to a multiple of 64 for friendly matmul shapes.
             self.d_ff = 4 * self.d_model if self.mlp != "swiglu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+        _check(self.d_ff >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
 
     @property
     def head_dim(self) -> int:
@@ -73,11 +111,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _check(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"ModelConfig.{field}: {message}")
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -7,12 +7,16 @@ prompt gets the same tokens as the prompt alone. The KV cache is preallocated an
 written in place; only the last position is unembedded. The sampler applies, in
 Hugging Face's order, repetition penalty, temperature, top-k and top-p;
 `temperature == 0` is greedy. `beam_search` is separate: it keeps `num_beams`
-hypotheses and reorders the cache rows after every token.
+hypotheses and reorders the cache rows after every token. `SamplingOptions`
+gathers these settings in one validated value (the `decode` config section,
+`llmpipe generate` and the served model all build one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,6 +24,56 @@ from model.gpt import GPT
 from model.kv_cache import KVCache
 
 Step = Callable[[torch.Tensor], torch.Tensor]  # next tokens (B,) -> logits (B, vocab)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to decode: sampling or beam search; also the sampling fields of the pipeline's `decode` section."""
+
+    # Read by pydantic when the pipeline validates a config (a plain dict: this module does not import pydantic).
+    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True, "allow_inf_nan": False}
+
+    max_new_tokens: int = 64
+    """Tokens generated per sample."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy."""
+    top_k: int | None = 50
+    """Sample from the k most likely tokens (null: all)."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens holding this probability mass."""
+    repetition_penalty: float = 1.0
+    """CTRL's penalty on tokens already seen (1 = off)."""
+    num_beams: int = 1
+    """Beam search with this many beams when > 1 (temperature, top-k/p and repetition penalty are then unused)."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam scores log-prob / new_tokens ** length_penalty."""
+    num_samples: int = 1
+    """Samples per prompt (with beam search: the best num_samples beams)."""
+    seed: int | None = 0
+    """Sampling seed (null: unseeded)."""
+    batch_size: int = field(default=16, metadata={"fingerprint": False})
+    """Sequences decoded together (left-padded) per forward pass."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_beams", "num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SamplingOptions.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingOptions.temperature: must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"SamplingOptions.top_k: must be >= 1 or null, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingOptions.top_p: must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingOptions.repetition_penalty: must be > 0, got {self.repetition_penalty}")
+        if self.num_beams > 1 and self.num_samples > self.num_beams:
+            raise ValueError(f"SamplingOptions.num_samples: {self.num_samples} exceeds num_beams ({self.num_beams}) "
+                             "with beam search")
+
+    def table_params(self) -> dict[str, Any]:
+        """The sampling parameters as table columns (no None: MLflow tables want one type per column)."""
+        return {"temperature": self.temperature, "top_k": self.top_k or 0, "top_p": self.top_p or 1.0,
+                "repetition_penalty": self.repetition_penalty, "num_beams": self.num_beams}
 
 
 # --- the sampler ---------------------------------------------------------------------

@@ -31,8 +31,14 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig, flops_per_token
 from model.kv_cache import KVCache
-from model.layers import Rotary, alibi_slopes, apply_rotary, causal_mask, make_norm, sinusoidal_positions
-
+from model.layers import (
+    Rotary,
+    alibi_slopes,
+    apply_rotary,
+    causal_mask,
+    make_norm,
+    sinusoidal_positions,
+)
 
 # SDPA broadcasts key/value heads itself from torch 2.5 on (without copying them n_head / n_kv_head times).
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -19,16 +19,18 @@ import logging
 import os
 import sys
 
+from model.generate import SamplingOptions
 from pipeline.config import load_config
 from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import ConfigError, TargetError, user_cause
+from tokenization.bpe import EOS
 
 # The system refused a file operation for a reason the user fixes (space, quota, permissions, a file where a
 # folder should be): one line, not a traceback.
 REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
-TOOLS = ("generate", "export-hf", "compare")
+TOOLS = ("generate", "export-hf", "compare", "config")
 JOB_COMMANDS = ("submit", "logs", "stop")
 
 
@@ -81,24 +83,28 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="sample completions from a trained model")
     g.add_argument("target", help=target)
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    g.add_argument("--top-k", type=int, default=50, help="0 turns top-k off")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
-    g.add_argument("--length-penalty", type=float, default=1.0)
-    g.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eos-token", default="<|endoftext|>", help="stop at this token")
+    d = SamplingOptions()  # the defaults, declared once
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 turns top-k off")
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    g.add_argument("--num-beams", type=int, default=d.num_beams, help="beam search when > 1")
+    g.add_argument("--length-penalty", type=float, default=d.length_penalty)
+    g.add_argument("--num-samples", type=int, default=d.num_samples, help="completions per prompt")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eos-token", default=EOS, help="stop at this token")
     e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2 or LLaMA folder")
     e.add_argument("target", help=target)
     e.add_argument("out", help="the folder to write")
-    e.add_argument("--eos-token", default="<|endoftext|>")
+    e.add_argument("--eos-token", default=EOS)
     c = sub.add_parser("compare", help="evaluation metrics of several runs side by side")
     c.add_argument("runs", nargs="*", help="evaluate child runs or parent runs (MLflow run ids)")
     c.add_argument("--experiment", help="compare the newest evaluation of every distinct config in this experiment")
     c.add_argument("--metrics", action="append", default=[], metavar="GLOB", help="only these metrics, e.g. 'ppl_ctx_*'")
+    r = sub.add_parser("config", help="the configuration reference, generated from the schema")
+    r.add_argument("--reference", action="store_true", required=True, help="print the reference (Markdown tables)")
+    r.add_argument("--write", metavar="README", help="replace the generated block in this file instead of printing")
     for tool in (g, e, c):
         tool.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("LLMPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     if args.command in TOOLS:
-        tool = {"generate": _generate, "export-hf": _export_hf, "compare": _compare}[args.command]
+        tool = {"generate": _generate, "export-hf": _export_hf, "compare": _compare, "config": _config}[args.command]
         return _guarded(lambda: tool(args))
     if args.command in JOB_COMMANDS or (args.command == "status" and args.job):
         return _guarded(lambda: _jobs(args))
@@ -201,12 +207,10 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from model import load_model
-    from pipeline.completion import SamplingOptions, complete
+    from pipeline.completion import complete
     from pipeline.tracking.lookup import resolve_model_dir
     from tokenization.bpe import load_tokenizer
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.num_beams < 1 or args.num_samples < 1:
-        raise ConfigError("generate: --max-new-tokens, --num-beams and --num-samples must be >= 1, --temperature >= 0")
     try:
         opts = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
@@ -250,3 +254,19 @@ def _compare(args: argparse.Namespace) -> None:
     runs = (experiment_evaluate_runs(args.experiment, tracking_uri=args.tracking_uri) if args.experiment
             else evaluate_runs(args.runs, tracking_uri=args.tracking_uri))
     print(comparison_table(runs, metrics=args.metrics, tracking_uri=args.tracking_uri))
+
+
+def _config(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pipeline import config_reference
+
+    if not args.write:
+        print(config_reference.reference(), end="")
+        return
+    path = Path(args.write)
+    text = path.read_text(encoding="utf-8")
+    if config_reference.BEGIN not in text or config_reference.END not in text:
+        raise ConfigError(f"{path}: no generated block to replace (the two config-reference marker comments)")
+    path.write_text(config_reference.replace_in(text), encoding="utf-8")
+    print(f"{path}: configuration reference updated")

@@ -1,8 +1,8 @@
 """Text in, text out: prompts through the tokenizer and the model's samplers, with each completion's log-likelihood.
 
 Shared by the `decode` stage, `llmpipe generate` and the MLflow pyfunc model, so
-it imports only torch, `model` and `tokenizers` (a model server needs nothing
-else). Sampling rows (prompts x samples) decode together as left-padded batches
+it imports only torch, `model` and `tokenization` (a model server needs nothing
+else); the options are `model.generate.SamplingOptions`. Sampling rows (prompts x samples) decode together as left-padded batches
 of `batch_size` through `generate_batch`; beam search runs one prompt at a time.
 A model with a learned position table keeps only the end of a long prompt, so
 that prompt + new tokens fit in the table. The log-likelihood of a completion is
@@ -13,39 +13,13 @@ temperature, no top-k), scored in one teacher-forced batch.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from model import GPT, beam_search, generate_batch
-from model.generate import left_pad
-
-EOS = "<|endoftext|>"
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    max_new_tokens: int = 64
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int | None = 50
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    num_beams: int = 1  # > 1: beam search (temperature, top-k/p and repetition penalty unused)
-    length_penalty: float = 1.0
-    num_samples: int = 1  # per prompt; with beam search the best num_samples beams
-    seed: int | None = 0
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.num_beams > 1 and self.num_samples > self.num_beams:
-            raise ValueError(f"num_samples ({self.num_samples}) exceeds num_beams ({self.num_beams}) with beam search")
-
-    def table_params(self) -> dict[str, Any]:
-        """The sampling parameters as table columns (no None: MLflow tables want one type per column)."""
-        p = asdict(self)
-        return {"temperature": p["temperature"], "top_k": p["top_k"] or 0, "top_p": p["top_p"] or 1.0,
-                "repetition_penalty": p["repetition_penalty"], "num_beams": p["num_beams"]}
+from model.generate import SamplingOptions, left_pad
+from tokenization.bpe import EOS
 
 
 def fit_prompt(model: GPT, ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:

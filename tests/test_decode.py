@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig, load_model, save_model, state_dict_for_save
-from pipeline.completion import SamplingOptions, complete, completion_logprobs
+from model.generate import SamplingOptions
+from pipeline.completion import complete, completion_logprobs
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.stages.decode import _section, decode_samples, read_prompts, write_samples

@@ -15,13 +15,8 @@ import yaml
 from PIL import Image
 
 from model import GPT, ModelConfig
-from pipeline.stages.evaluate import (
-    EvalOptions,
-    plot,
-    score_windows,
-    sweep,
-    window_plan,
-)
+from model.scoring import EvalOptions, score_windows, sweep, window_plan
+from pipeline.stages.evaluate import plot
 from tests.conftest import tiny_raw
 
 V = 97
@@ -97,7 +92,7 @@ def test_max_tokens_bounds_the_windows_scored():
 def _sweep(model: nn.Module, **opts) -> dict:
     rng = np.random.default_rng(1)
     val = [rng.integers(0, V, size=300)]
-    return sweep(model, val, train_seq_len=16, opts=EvalOptions(multipliers=(0.5, 2.0, 4.0), max_tokens=200, **opts),
+    return sweep(model, val, train_seq_len=16, opts=EvalOptions(context_multipliers=(0.5, 2.0, 4.0), max_tokens=200, **opts),
                  byte_lengths=np.ones(V), unigram_logp=np.full(V, -math.log(V)))
 
 

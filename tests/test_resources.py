@@ -7,9 +7,10 @@ import yaml
 
 from pipeline.cluster.jobs import check_submittable
 from pipeline.cluster.resources import task_options, train_scaling
-from pipeline.config import StageResources, load_config
+from pipeline.config import load_config
 from pipeline.engine.stage import fingerprint
 from pipeline.errors import ConfigError, JobError
+from pipeline.schema import StageResources
 from pipeline.stages import STAGES
 from tests.conftest import tiny_raw
 

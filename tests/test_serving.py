@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 
 from model import load_model
-from pipeline.completion import SamplingOptions, complete
+from model.generate import SamplingOptions
+from pipeline.completion import complete
 from pipeline.tracking.models import log_generation_model
 from tests.test_decode import make_model_dir
 from tokenization.bpe import load_tokenizer

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from pipeline.config import fingerprint_view
 from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan
 from pipeline.engine.stage import Stage, fingerprint
 from pipeline.engine.store import MARKER, ArtifactStore
 from pipeline.errors import WorkflowError
+from pipeline.schema import fingerprint_view
 from pipeline.stages import STAGES
 
 

@@ -13,7 +13,8 @@ import hashlib
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 
@@ -25,12 +26,33 @@ LENGTH_EDGES = np.array([0] + [2**k for k in range(25)], dtype=np.int64)
 
 @dataclass(frozen=True)
 class DocOptions:
+    """Which documents a corpus yields and how they are cleaned; also those fields of the pipeline's `data` section."""
+
+    # Read by pydantic when the pipeline validates a config (a plain dict: this module does not import pydantic).
+    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True, "allow_inf_nan": False}
+
     text_field: str = "text"
-    on_error: str = "raise"  # raise | skip
+    """JSONL key / Parquet column holding the document text."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad records: stop with an error naming file:line, or skip, count and list them."""
     replace_invalid_utf8: bool = False
-    normalize: str = "nfc"  # nfc | none
+    """Replace invalid UTF-8 bytes with U+FFFD (counted) instead of applying on_error."""
+    normalize: Literal["nfc", "none"] = "nfc"
+    """Unicode normalisation of every document."""
     min_chars: int = 1
+    """Drop documents with fewer non-blank characters (counted as too_short)."""
     max_chars: int | None = None
+    """Drop documents longer than this (counted as too_long)."""
+
+    def __post_init__(self) -> None:
+        if self.min_chars < 0:
+            raise ValueError(f"DocOptions.min_chars: must be >= 0, got {self.min_chars}")
+        if self.max_chars is not None and self.max_chars < max(1, self.min_chars):
+            raise ValueError(f"DocOptions.max_chars: {self.max_chars} is below min_chars ({self.min_chars}) or 1")
+
+    def doc_options(self) -> DocOptions:
+        """Just these options (a subclass, such as the pipeline's data section, carries more fields)."""
+        return DocOptions(**{f.name: getattr(self, f.name) for f in fields(DocOptions)})
 
 
 def documents(pieces: Iterable[Piece], opts: DocOptions, log: SkipLog, filtered: Counter) -> Iterator[str]:

@@ -15,9 +15,9 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import Config
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import ClusterError
+from pipeline.schema import Config
 
 # --- preflight --------------------------------------------------------------
 

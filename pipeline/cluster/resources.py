@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import StageResources
+from pipeline.schema import StageResources
 
 GPU_STAGES = ("train", "evaluate", "decode")
 

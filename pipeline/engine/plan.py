@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import Config, flatten
 from pipeline.engine.stage import Stage, fingerprint
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import WorkflowError
+from pipeline.schema import Config, flatten
 
 
 @dataclass

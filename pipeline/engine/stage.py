@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
 from pipeline.engine.store import StageRef
+from pipeline.schema import Config
 
 
 @dataclass(frozen=True)

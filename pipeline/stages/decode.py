@@ -17,13 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from model.generate import SamplingOptions
 from pipeline.artifacts import MODEL_FILES
 from pipeline.cluster.resources import task_options
-from pipeline.completion import SamplingOptions, complete
-from pipeline.config import Config, DecodeConfig, fingerprint_view
+from pipeline.completion import complete
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
+from pipeline.schema import Config, DecodeConfig, as_dict, fingerprint_view
 
 
 def read_prompts(d: DecodeConfig) -> list[str]:
@@ -52,11 +53,6 @@ def read_prompts(d: DecodeConfig) -> list[str]:
         raise ConfigError(f"decode.prompts_file: {path} holds no prompts")
     return prompts
 
-
-def sampling_options(d: DecodeConfig) -> SamplingOptions:
-    return SamplingOptions(max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
-                           repetition_penalty=d.repetition_penalty, num_beams=d.num_beams, length_penalty=d.length_penalty,
-                           num_samples=d.num_samples, seed=d.seed, batch_size=d.batch_size)
 
 
 def _section(cfg: Config) -> dict[str, Any]:
@@ -99,7 +95,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     d = ctx.config.decode
     task = ray.remote(_decode_task).options(**task_options(ctx.config.resources.decode, "decode"))
-    rows = ray.get(task.remote(ctx.inputs["train"].ref, prompts=read_prompts(d), opts=sampling_options(d),
+    rows = ray.get(task.remote(ctx.inputs["train"].ref, prompts=read_prompts(d), opts=d.sampling_options(),
                                eos_token=ctx.config.tokenizer.eos_token))
     _, md = write_samples(rows, ctx.out_dir)
     ctx.tracker.log_table(ctx.run_id, rows, "samples.json")
@@ -111,4 +107,4 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="decode", needs=("tokenizer", "train"), section=_section, version=2, run=run,
-              params=lambda cfg: cfg.decode.model_dump(mode="json"))
+              params=lambda cfg: as_dict(cfg.decode))

@@ -27,8 +27,8 @@ import numpy as np
 from pipeline import faults
 from pipeline import ray_tasks as tasks
 from pipeline.cluster.resources import task_options
-from pipeline.config import Config, fingerprint_view
 from pipeline.engine.stage import Stage, StageContext
+from pipeline.schema import Config, as_dict, fingerprint_view
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
 from tokenization.documents import LENGTH_EDGES, first_occurrences
 from tokenization.readers import InputError, input_identity, resolve_inputs
@@ -134,4 +134,4 @@ def _plot_lengths(path: Path, hist: np.ndarray) -> None:
 
 
 STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=2, run=run,
-              params=lambda cfg: cfg.data.model_dump(mode="json"))
+              params=lambda cfg: as_dict(cfg.data))

@@ -17,9 +17,9 @@ from typing import Any
 
 from pipeline import ray_tasks as tasks
 from pipeline.cluster.resources import task_options
-from pipeline.config import Config, fingerprint_view
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import ConfigError
+from pipeline.schema import Config, fingerprint_view
 from tokenization.bpe import load_tokenizer, tokenizer_hash
 from tokenization.readers import input_identity, resolve_inputs
 

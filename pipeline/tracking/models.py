@@ -4,7 +4,7 @@
 `model.json` and `tokenizer.json` to an existing run as a pyfunc model whose
 `predict` takes a DataFrame (or a dict of columns) with a `prompt` column and
 optional `max_new_tokens` and `temperature` columns, and returns one completion
-per row. The model carries its own code (`model/` and `pipeline/` as code paths)
+per row. The model carries its own code (`model/`, `tokenization/`, `pipeline/` as code paths)
 and needs only torch, tokenizers and safetensors to run, so a server started with
 `mlflow models serve -m <uri> --env-manager local --host 127.0.0.1` loads it
 without the rest of the pipeline. Like everything that speaks to MLflow it lives in
@@ -24,9 +24,9 @@ from typing import Any
 import mlflow.pyfunc
 
 from pipeline.artifacts import MODEL_FILES
+from tokenization.bpe import EOS
 
 _REPO = Path(__file__).resolve().parents[2]
-DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50}
 
 
 class GenerationModel(mlflow.pyfunc.PythonModel):
@@ -46,14 +46,15 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
                 shutil.copyfile(p, folder / name)
         self.model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = Tokenizer.from_file(str(paths["tokenizer.json"]))
-        self.settings = {**DEFAULTS, **(context.model_config or {})}
+        self.settings = {**_defaults(), **(context.model_config or {})}
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints here as a schema
         """model_input: a DataFrame or a dict of columns with `prompt` (+ optional max_new_tokens, temperature)
         -> one completion (str) per row."""
         import pandas as pd
 
-        from pipeline.completion import SamplingOptions, complete
+        from model.generate import SamplingOptions
+        from pipeline.completion import complete
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:
@@ -76,6 +77,14 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         return out
 
 
+def _defaults() -> dict[str, Any]:
+    """The served model's sampling defaults: those of `SamplingOptions`, declared there once."""
+    from model.generate import SamplingOptions
+
+    d = SamplingOptions()
+    return {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature, "top_k": d.top_k}
+
+
 def _signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
@@ -91,7 +100,7 @@ def _signature() -> Any:
 
 
 def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, registered_name: str | None = None,
-                         eos_token: str = "<|endoftext|>") -> str:
+                         eos_token: str = EOS) -> str:
     """Log the model in `model_dir` (a train folder) to the existing run `run_id` as a pyfunc model named "model";
     register it as `registered_name` when given. Returns the model URI (`models:/<name>/<version>` when registered).
     The run keeps its status: a RUNNING run (a stage still in progress) is left RUNNING."""
@@ -106,9 +115,9 @@ def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, reg
     with _fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=GenerationModel(), artifacts={f: str(model_dir / f) for f in MODEL_FILES},
-            code_paths=[str(_REPO / "model"), str(_REPO / "pipeline")], signature=_signature(),
+            code_paths=[str(_REPO / "model"), str(_REPO / "tokenization"), str(_REPO / "pipeline")], signature=_signature(),
             input_example={"prompt": ["\n"], "max_new_tokens": [1]},  # also checks at logging time that it predicts
-            model_config={"eos_token": eos_token, **DEFAULTS},
+            model_config={"eos_token": eos_token, **_defaults()},
             pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas"])
     uri = info.model_uri
     if registered_name:

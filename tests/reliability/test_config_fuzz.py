@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import cli
-from pipeline.config import Config, load_config
+from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from pipeline.schema import Config
 from tests.conftest import tiny_raw
 
 

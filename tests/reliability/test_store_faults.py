@@ -143,7 +143,7 @@ def _train(config: dict, cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_training_resumes_past_a_newest_checkpoint_cut_in_half_with_a_warning_and_ends_identical(tmp_path):
-    from pipeline.config import ModelSection, TrainConfig
+    from pipeline.schema import ModelSection, TrainConfig
     from tokenization.shards import write_shard
 
     rng = np.random.default_rng(0)

@@ -20,9 +20,9 @@ from typing import Any
 
 from pipeline import faults
 from pipeline.cluster.resources import train_scaling
-from pipeline.config import Config, fingerprint_view
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import TrainingError, UserError, user_cause
+from pipeline.schema import Config, as_dict, fingerprint_view
 from pipeline.stages.train.checkpoints import check_resume_layout
 from pipeline.stages.train.init_from import (
     check_init_compatible,
@@ -107,4 +107,4 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=1, run=run, resumable=True,
-              params=lambda cfg: {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")})
+              params=lambda cfg: {"model": as_dict(cfg.model), "train": as_dict(cfg.train)})

@@ -1,0 +1,314 @@
+"""The experiment config's schema: every section and field, declared once, with its documentation.
+
+Each field is declared once. The sections that configure a pure layer *are* that
+layer's dataclass, validated by pydantic: `model` is `model.ModelConfig` (plus a
+`preset` name), `evaluate` is `model.scoring.EvalOptions`, `decode` is
+`model.generate.SamplingOptions` plus the prompts, and `data` is
+`tokenization.documents.DocOptions` plus the corpus and sharding fields. The
+sections only the pipeline has (store, tokenizer, train, resources, tracking) are
+pydantic models here. Every section forbids unknown keys, so a misspelt key is an
+error rather than a silently ignored default, and a float must be finite (`.inf`
+or `.nan` is never a learning rate). A field's docstring is its documentation:
+the README's configuration reference is generated from them
+(`pipeline.config_reference`), and a test keeps the two equal.
+
+Loading (`pipeline.config`) turns every error, whatever the document holds,
+into a single `ConfigError` line naming the file and the dotted key path.
+
+Fields whose metadata says `fingerprint: False` (worker counts, logging
+intervals, batch sizes that do not change a result) and the whole `resources`
+section do not change a stage's output and are left out of its fingerprint:
+scaling a run out must not invalidate its data. See `fingerprint_view`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from model.config import ModelConfig
+from model.generate import SamplingOptions
+from model.presets import PRESETS
+from model.scoring import EvalOptions
+from tokenization.bpe import EOS, SPECIAL_TOKENS
+from tokenization.documents import DocOptions
+
+
+def _nf(default: Any, description: str, **kw: Any) -> Any:
+    """A pydantic field that does not enter the fingerprint."""
+    return Field(default, description=description, json_schema_extra={"fingerprint": False}, **kw)
+
+
+def _no_fp(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field that does not enter the fingerprint."""
+    return dataclasses.field(default=default, metadata={"fingerprint": False}, **kw)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class StoreConfig(_Section):
+    root: str = Field("artifacts", description="Artifact store root: a local folder or any pyarrow.fs URI (s3://, gs://).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(DocOptions):
+    """The `data` section: the corpus, how documents are cleaned (`DocOptions`) and how they are sharded."""
+
+    inputs: list[str]
+    """Files, directories or globs: local paths, pyarrow.fs URIs (s3://, gs://, hdfs://) or pkg://PACKAGE/glob (data a package ships). .txt/.md files are one document each; .jsonl, .jsonl.gz and .parquet hold one per record."""
+    val_fraction: float = 0.05
+    """Fraction of documents (by content hash) held out for validation."""
+    shard_size_mb: float = 64.0
+    """Target raw bytes per shard; fixes the shard plan, hence the output bytes."""
+    append_eos: bool = True
+    """Append the EOS token after every document."""
+    dedup: bool = True
+    """Drop exact duplicate documents (by content hash) across all shards."""
+    num_tasks: int | None = _no_fp(None)
+    """Ray tasks for prepare (default: one per shard); never changes the output."""
+    max_retries: int = _no_fp(3)
+    """Ray retries of a task whose worker died."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.inputs:
+            raise ValueError("DataConfig.inputs: give at least one file, folder or glob")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"DataConfig.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.shard_size_mb <= 0:
+            raise ValueError(f"DataConfig.shard_size_mb: must be > 0, got {self.shard_size_mb}")
+        if self.num_tasks is not None and self.num_tasks < 1:
+            raise ValueError(f"DataConfig.num_tasks: must be >= 1, got {self.num_tasks}")
+        if self.max_retries < 0:
+            raise ValueError(f"DataConfig.max_retries: must be >= 0, got {self.max_retries}")
+
+
+class TokenizerConfig(_Section):
+    vocab_size: int = Field(4096, ge=260, le=1 << 20, description="BPE vocabulary size, including the 256 byte tokens and specials.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    max_train_bytes: int = Field(64 << 20, gt=0, description="Train on a deterministic sample of about this many bytes, spread over the corpus.")
+    special_tokens: list[str] = Field(SPECIAL_TOKENS, min_length=1, description="Special tokens, added first.")
+    eos_token: str = Field(EOS, description="The token that ends a document (must be a special token).")
+    path: str | None = Field(None, description="Load this tokenizer.json (or a local Hugging Face tokenizer folder) instead of training one.")
+
+    @model_validator(mode="after")
+    def _eos_is_special(self) -> TokenizerConfig:
+        if self.path is None and self.eos_token not in self.special_tokens:
+            raise ValueError(f"tokenizer.eos_token {self.eos_token!r} is not in tokenizer.special_tokens {self.special_tokens}")
+        return self
+
+
+@dataclass(kw_only=True)
+class ModelSection(ModelConfig):
+    """The `model` section: `ModelConfig`'s fields, optionally starting from a named preset."""
+
+    preset: str | None = _no_fp(None)
+    """A named size: gpt2-small (124M), gpt2-medium (355M), llama-60m, llama-160m, demo; keys given beside it override it."""
+
+    def model_config_fields(self) -> dict[str, Any]:
+        """The `ModelConfig` keyword arguments (everything but the preset name)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps (the step budget; no epochs).")
+    seq_len: int | None = Field(None, ge=2, description="Training window (default model.max_seq_len).")
+    global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step across all workers.")
+    global_batch_tokens: int | None = Field(None, ge=1, description="If set, the global batch in tokens; global_batch_size = this / seq_len.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0.0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = Field("cosine", description="After warmup: cosine or linear decay to min_lr, constant, or warmup-stable-decay.")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: the final fraction of the steps that decays linearly to min_lr.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0 disables).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
+    seed: int = Field(1337, description="Seed for init, data order and dropout.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and step) on the CPU; needs zero_stage >= 1.")
+    offload_params: bool = Field(False, description="ZeRO-Infinity style parameter offload to the CPU; needs zero_stage 3.")
+    init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
+    eval_tokens: int = Field(32768, ge=1, description="Validation tokens scored each time.")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON merged last (escape hatch; batch sizes must still agree).")
+    peak_tflops: float | None = _nf(None, "Peak TFLOP/s per worker for MFU (default: looked up from the GPU model).", gt=0.0)
+    log_model: bool = _nf(True, "Log the trained model to MLflow as a pyfunc text-generation model (`mlflow models serve`).")
+    registered_model_name: str | None = _nf(None, "Also register the logged model under this name in the MLflow registry.")
+    num_workers: int = _nf(2, "Ray Train workers (one GPU each when GPUs are used).", ge=1)
+    checkpoint_every: int = _nf(100, "Checkpoint every N steps (and always at the end).", ge=1)
+    keep_checkpoints: int = _nf(2, "Checkpoints kept (newest first).", ge=1)
+    max_failures: int = _nf(2, "Worker-group restarts Ray Train attempts from the last checkpoint.", ge=0)
+    log_every: int = _nf(10, "Log step metrics every N steps.", ge=1)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1 (ZeRO partitions what it offloads)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"train.offload_params needs train.zero_stage 3, got {self.zero_stage}")
+        if self.precision == "fp16" and self.zero_stage == 0 and self.offload_optimizer:
+            raise ValueError("train.precision fp16 with offload needs ZeRO")
+        return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig(SamplingOptions):
+    """The `decode` section: the prompts, and how to complete them (`SamplingOptions`)."""
+
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["\n"])
+    """Prompts to complete."""
+    prompts_file: str | None = None
+    """Read the prompts from this file instead (.jsonl: a JSON string or {"prompt": ...} per line; else one prompt per non-empty line); its content is fingerprinted."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompts:
+            raise ValueError("DecodeConfig.prompts: give at least one prompt (or prompts_file)")
+
+    def sampling_options(self) -> SamplingOptions:
+        """Just the sampling options (what a decoding task needs)."""
+        return SamplingOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingOptions)})
+
+
+class StageResources(_Section):
+    """What Ray reserves for one task of a stage (train: for each worker). Never fingerprinted."""
+
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per task (prepare: per tokenize task, also capping its threads; train: per worker).")
+    num_gpus: float | None = Field(None, ge=0.0, description="GPUs per task; default: 1 for train/evaluate/decode when the cluster has GPUs, else 0.")
+    memory_gb: float | None = Field(None, gt=0.0, description="Memory Ray reserves per task, in GiB.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per task, e.g. {gpu_node: 1} (a resource your cluster.yaml gives some nodes).")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the task requires, e.g. {ray.io/accelerator-type: H100}.")
+    spread: bool = Field(False, description="Spread the tasks (train: the workers) over nodes instead of packing them.")
+
+
+class ResourcesConfig(_Section):
+    tokenizer: StageResources = Field(default_factory=StageResources, description="The tokenizer-training task.")
+    prepare: StageResources = Field(default_factory=StageResources, description="Each hash and tokenize task.")
+    train: StageResources = Field(default_factory=StageResources, description="Each Ray Train worker.")
+    evaluate: StageResources = Field(default_factory=StageResources, description="The evaluation task.")
+    decode: StageResources = Field(default_factory=StageResources, description="The decoding task.")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Log runs to MLflow (MLFLOW_TRACKING_URI, else MLflow's local default).")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the config name).")
+
+
+class Config(_Section):
+    name: str = Field(..., min_length=1, description="Experiment name; also the MLflow experiment.")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvalOptions = Field(default_factory=EvalOptions)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):  # other types: the field reports them
+            return data
+        if "vocab_size" in data:
+            raise ValueError("ModelSection.vocab_size: is set by the tokenizer (tokenizer.vocab_size), not in the model section")
+        if isinstance(data.get("preset"), str):
+            if data["preset"] not in PRESETS:
+                raise ValueError(f"unknown preset {data['preset']!r} (known: {', '.join(PRESETS)})")
+            base = {k: v for k, v in PRESETS[data["preset"]].items() if k != "vocab_size"}  # the tokenizer sets the vocab
+            return {**base, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        t = self.train
+        seq_len = t.seq_len or self.model.max_seq_len
+        if t.global_batch_tokens is not None:
+            if t.global_batch_tokens % seq_len:
+                raise ValueError(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of the sequence length ({seq_len})")
+            object.__setattr__(t, "global_batch_size", t.global_batch_tokens // seq_len)
+        if self.model.pos_encoding == "learned" and seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}) with learned positions")
+        if t.global_batch_size % (t.micro_batch_size * t.num_workers):
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x train.num_workers ({t.num_workers})"
+            )
+        if t.warmup_steps > t.steps:
+            raise ValueError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+        return self
+
+    @property
+    def train_seq_len(self) -> int:
+        """The training window: train.seq_len, else the model's context."""
+        return self.train.seq_len or self.model.max_seq_len
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+
+
+def section_fields(section_type: type) -> dict[str, tuple[bool, str | None]]:
+    """name -> (changes the output, description) for a pydantic section or a dataclass section."""
+    if dataclasses.is_dataclass(section_type):
+        from pipeline.config_reference import attribute_docs
+
+        docs = attribute_docs(section_type)
+        return {f.name: (f.metadata.get("fingerprint", True), docs.get(f.name)) for f in dataclasses.fields(section_type)}
+    out = {}
+    for name, field in section_type.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        out[name] = (extra.get("fingerprint", True), field.description)
+    return out
+
+
+def fingerprint_view(section: Any) -> dict[str, Any]:
+    """The fields of a section that change the output (fingerprint=False ones dropped)."""
+    out: dict[str, Any] = {}
+    for name, (changes_output, _) in section_fields(type(section)).items():
+        if changes_output:
+            value = getattr(section, name)
+            is_section = isinstance(value, BaseModel) or dataclasses.is_dataclass(value)
+            out[name] = fingerprint_view(value) if is_section else _plain(value)
+    return out
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    """A section as plain JSON data (MLflow params, the worker's config)."""
+    if isinstance(section, BaseModel):
+        return section.model_dump(mode="json")
+    return _plain(dataclasses.asdict(section))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: for MLflow params and 'which keys changed'."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
