@@ -30,9 +30,9 @@ from pipeline.cluster.resources import task_options
 from pipeline.config import Config, fingerprint_view
 from pipeline.engine.stage import Stage, StageContext
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
+from tokenization.corpus import plan_shards
 from tokenization.documents import LENGTH_EDGES, first_occurrences
 from tokenization.readers import InputError, input_identity, resolve_inputs
-from tokenization.sharding import plan_shards
 
 
 def _section(cfg: Config) -> dict[str, Any]:

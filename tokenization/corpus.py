@@ -1,4 +1,4 @@
-"""Sharded tokenization, the plain work of the `prepare` stage (no Ray here).
+"""The corpus into token shards, the plain work of the `prepare` stage (no Ray here).
 
 `plan_shards` cuts the inputs into pieces and groups contiguous pieces into
 shards of about a target size: the plan depends on file sizes only. Pass 1
