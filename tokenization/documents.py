@@ -58,8 +58,9 @@ def is_validation(h: int, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def first_occurrences(hashes: list[np.ndarray]) -> list[np.ndarray]:
-    """Per shard, the indices of documents whose text already appeared earlier (in shard, then document order)."""
+def duplicate_indices(hashes: list[np.ndarray]) -> list[np.ndarray]:
+    """Per shard, the indices of the duplicates: documents whose text already appeared earlier (in shard, then
+    document order). These are the ones de-duplication drops; each text's first occurrence is kept."""
     flat = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
     keep = np.zeros(len(flat), dtype=bool)
     _, first = np.unique(flat, return_index=True)

@@ -31,7 +31,7 @@ from pipeline.config import Config, fingerprint_view
 from pipeline.engine.stage import Stage, StageContext
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
 from tokenization.corpus import plan_shards
-from tokenization.documents import LENGTH_EDGES, first_occurrences
+from tokenization.documents import LENGTH_EDGES, duplicate_indices
 from tokenization.readers import InputError, input_identity, resolve_inputs
 
 
@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     shards_ref = ray.put(shards)
     if d.dedup:
         hashed = ray.get([ray.remote(tasks.hash_task).options(**options).remote(shards_ref, g, opts) for g in groups])
-        drops = first_occurrences([h for part in hashed for h in part])
+        drops = duplicate_indices([h for part in hashed for h in part])
     else:
         drops = [np.zeros(0, dtype=np.int64)] * len(shards)
     kw = {"eos_token": cfg.tokenizer.eos_token, "opts": opts, "val_fraction": d.val_fraction, "append_eos": d.append_eos}
