@@ -23,16 +23,8 @@ from tokenization.documents import (
     is_validation,
     length_histogram,
 )
-from tokenization.readers import (
-    InputError,
-    InputFile,
-    Piece,
-    SkipLog,
-    iter_documents,
-    read_range,
-    resolve_inputs,
-    split_file,
-)
+from tokenization.inputs import InputError, InputFile, Piece, resolve_inputs, split_file
+from tokenization.readers import SkipLog, iter_documents, read_range
 
 
 def _jsonl(path, rows):

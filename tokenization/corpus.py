@@ -26,7 +26,8 @@ from tokenization.documents import (
     is_validation,
     length_histogram,
 )
-from tokenization.readers import InputFile, Piece, SkipLog, split_file
+from tokenization.inputs import InputFile, Piece, split_file
+from tokenization.readers import SkipLog
 from tokenization.shards import write_shard
 
 

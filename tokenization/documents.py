@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenization.readers import Piece, SkipLog, iter_documents
+from tokenization.inputs import Piece
+from tokenization.readers import SkipLog, iter_documents
 
 # Token-count histogram edges: 0, 1, 2, 4, ... 2^24 (then everything longer).
 LENGTH_EDGES = np.array([0] + [2**k for k in range(25)], dtype=np.int64)

@@ -34,7 +34,7 @@ from pipeline.config import Config, EvaluateConfig, fingerprint_view
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.plots import line_chart
-from tokenization.readers import InputError
+from tokenization.inputs import InputError
 from tokenization.shards import shard_paths
 
 Window = tuple[int, int, int]  # (buffer, first token, first scored target within the window)

@@ -32,7 +32,7 @@ from pipeline.engine.stage import Stage, StageContext
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
 from tokenization.corpus import plan_shards
 from tokenization.documents import LENGTH_EDGES, duplicate_indices
-from tokenization.readers import InputError, input_identity, resolve_inputs
+from tokenization.inputs import InputError, input_identity, resolve_inputs
 
 
 def _section(cfg: Config) -> dict[str, Any]:
