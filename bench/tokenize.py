@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 def make_corpus(folder: Path) -> tuple[Path, int]:
     """The plays as JSONL, one document per block of ~40 lines (many documents, real text)."""
-    from tokenization.readers import iter_documents, resolve_inputs
+    from tokenization.inputs import resolve_inputs
+    from tokenization.readers import iter_documents
 
     out = folder / "plays.jsonl"
     total = 0

@@ -75,7 +75,3 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
         if self.key_valid is not None:
             self.key_valid, self.seen = self.key_valid.index_select(0, rows), self.seen.index_select(0, rows)
-
-    def reset(self) -> None:
-        self.pos = 0
-        self.key_valid = self.seen = None

@@ -3,7 +3,7 @@
 Each class says which part of the pipeline refused (the config, the workflow,
 the store, the cluster, a job, MLflow, training, a model lookup); every message
 names the file, key, path or URI it is about. Bad input data is
-`tokenization.readers.InputError` (the pure layer cannot import this module), so
+`tokenization.inputs.InputError` (the pure layer cannot import this module), so
 `USER_ERRORS` lists both families. An error raised inside a Ray task or a Ray
 Train worker reaches the driver wrapped by Ray; `user_cause` finds the typed
 error inside (Ray keeps the original exception as the `cause` of a task error,
@@ -13,7 +13,7 @@ reading the error text.
 
 from __future__ import annotations
 
-from tokenization.readers import InputError
+from tokenization.inputs import InputError
 
 
 class UserError(Exception):

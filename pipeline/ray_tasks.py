@@ -24,7 +24,7 @@ def _limit_threads(num_cpus: float) -> None:
 
 
 def hash_task(shards: list, indices: list[int], opts: Any) -> list[np.ndarray]:
-    from tokenization.sharding import hash_shards
+    from tokenization.corpus import hash_shards
 
     return hash_shards([shards[i] for i in indices], opts)
 
@@ -32,7 +32,7 @@ def hash_task(shards: list, indices: list[int], opts: Any) -> list[np.ndarray]:
 def tokenize_task(shards: list, indices: list[int], drops: list[np.ndarray], kw: dict[str, Any], tokenizer: StageRef,
                   output: StageRef, num_cpus: float) -> list[dict]:
     """Tokenize whole shards into the stage folder, wherever this task runs (see `StageRef`)."""
-    from tokenization.sharding import tokenize_shard
+    from tokenization.corpus import tokenize_shard
 
     _limit_threads(num_cpus)
     tok_path = str(tokenizer.local(["tokenizer.json"]) / "tokenizer.json")

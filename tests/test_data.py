@@ -3,7 +3,7 @@ import pytest
 
 from tokenization.bpe import EOS, load_tokenizer, token_byte_lengths, train_bpe
 from tokenization.dataset import TokenWindows, sample_indices
-from tokenization.readers import InputError, resolve_inputs
+from tokenization.inputs import InputError, resolve_inputs
 from tokenization.shards import read_tokens, write_shard
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.errors import ConfigError, TrainingError, UserError, user_cause
-from tokenization.readers import InputError
+from tokenization.inputs import InputError
 
 
 def _raise(exc: BaseException) -> None:

@@ -19,20 +19,12 @@ from tokenization.documents import (
     DocOptions,
     doc_hash,
     documents,
-    first_occurrences,
+    duplicate_indices,
     is_validation,
     length_histogram,
 )
-from tokenization.readers import (
-    InputError,
-    InputFile,
-    Piece,
-    SkipLog,
-    iter_documents,
-    read_range,
-    resolve_inputs,
-    split_file,
-)
+from tokenization.inputs import InputError, InputFile, Piece, resolve_inputs, split_file
+from tokenization.readers import SkipLog, iter_documents, read_range
 
 
 def _jsonl(path, rows):
@@ -174,7 +166,7 @@ def test_documents_normalise_filter_and_count():
 
 def test_duplicates_keep_the_first_occurrence_across_shards():
     h = [np.array([1, 2, 3], dtype=np.uint64), np.array([2, 4, 1, 4], dtype=np.uint64), np.array([], dtype=np.uint64)]
-    drops = first_occurrences(h)
+    drops = duplicate_indices(h)
     assert [d.tolist() for d in drops] == [[], [0, 2, 3], []]
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tokenization.documents import DocOptions, doc_hash, documents
-from tokenization.readers import InputError, InputFile, Piece, SkipLog
+from tokenization.inputs import InputError, InputFile, Piece
+from tokenization.readers import SkipLog
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

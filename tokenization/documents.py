@@ -18,7 +18,8 @@ from typing import Literal
 
 import numpy as np
 
-from tokenization.readers import Piece, SkipLog, iter_documents
+from tokenization.inputs import Piece
+from tokenization.readers import SkipLog, iter_documents
 
 # Token-count histogram edges: 0, 1, 2, 4, ... 2^24 (then everything longer).
 LENGTH_EDGES = np.array([0] + [2**k for k in range(25)], dtype=np.int64)
@@ -80,8 +81,9 @@ def is_validation(h: int, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def first_occurrences(hashes: list[np.ndarray]) -> list[np.ndarray]:
-    """Per shard, the indices of documents whose text already appeared earlier (in shard, then document order)."""
+def duplicate_indices(hashes: list[np.ndarray]) -> list[np.ndarray]:
+    """Per shard, the indices of the duplicates: documents whose text already appeared earlier (in shard, then
+    document order). These are the ones de-duplication drops; each text's first occurrence is kept."""
     flat = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
     keep = np.zeros(len(flat), dtype=bool)
     _, first = np.unique(flat, return_index=True)

@@ -22,7 +22,7 @@ from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.plots import line_chart
 from pipeline.schema import Config, as_dict, fingerprint_view
-from tokenization.readers import InputError
+from tokenization.inputs import InputError
 from tokenization.shards import shard_paths
 
 

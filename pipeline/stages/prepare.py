@@ -30,9 +30,9 @@ from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.schema import Config, as_dict, fingerprint_view
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
-from tokenization.documents import LENGTH_EDGES, first_occurrences
-from tokenization.readers import InputError, input_identity, resolve_inputs
-from tokenization.sharding import plan_shards
+from tokenization.corpus import plan_shards
+from tokenization.documents import LENGTH_EDGES, duplicate_indices
+from tokenization.inputs import InputError, input_identity, resolve_inputs
 
 
 def _section(cfg: Config) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     shards_ref = ray.put(shards)
     if d.dedup:
         hashed = ray.get([ray.remote(tasks.hash_task).options(**options).remote(shards_ref, g, opts) for g in groups])
-        drops = first_occurrences([h for part in hashed for h in part])
+        drops = duplicate_indices([h for part in hashed for h in part])
     else:
         drops = [np.zeros(0, dtype=np.int64)] * len(shards)
     kw = {"eos_token": cfg.tokenizer.eos_token, "opts": opts, "val_fraction": d.val_fraction, "append_eos": d.append_eos}

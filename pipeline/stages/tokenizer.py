@@ -21,7 +21,7 @@ from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import ConfigError
 from pipeline.schema import Config, fingerprint_view
 from tokenization.bpe import load_tokenizer, tokenizer_hash
-from tokenization.readers import input_identity, resolve_inputs
+from tokenization.inputs import input_identity, resolve_inputs
 
 
 def _given_path(path: str) -> Path:

@@ -24,15 +24,8 @@ import yaml
 from pipeline import cli
 from tests.conftest import tiny_raw
 from tokenization.documents import DocOptions, documents
-from tokenization.readers import (
-    InputError,
-    InputFile,
-    Piece,
-    SkipLog,
-    iter_documents,
-    resolve_inputs,
-    split_file,
-)
+from tokenization.inputs import InputError, InputFile, Piece, resolve_inputs, split_file
+from tokenization.readers import SkipLog, iter_documents
 
 UNIT = b"the king rides to the sea and speaks. "
 HUNDRED_MB = 100_000_000 // len(UNIT)  # repeats of UNIT in a 100 MB line

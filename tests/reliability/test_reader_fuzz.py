@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from tests.reliability.test_bad_inputs import _utf8
 from tokenization.bpe import encode_documents, split_text, splits_safely, train_bpe
-from tokenization.readers import InputError, Piece, SkipLog, iter_documents
+from tokenization.inputs import InputError, Piece
+from tokenization.readers import SkipLog, iter_documents
 
 good_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)  # any valid Unicode, "\n" included
 raw_line = st.one_of(

@@ -35,8 +35,7 @@ class Checkpoints:
         registered = self._registered()
         folders = sorted(Path(self.local_dir).glob("step_*"), reverse=True) if self.local_dir and Path(self.local_dir).is_dir() else []
         if registered is not None and registered not in folders:
-            folders = [registered]  # remote storage: Ray's registration is what we have
-            return registered if (registered / STATE).is_file() else None
+            return registered if (registered / STATE).is_file() else None  # remote storage: Ray's registration is what we have
         damaged = []
         for folder in folders:
             if verify_checkpoint(folder):

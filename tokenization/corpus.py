@@ -1,4 +1,4 @@
-"""Sharded tokenization, the plain work of the `prepare` stage (no Ray here).
+"""The corpus into token shards, the plain work of the `prepare` stage (no Ray here).
 
 `plan_shards` cuts the inputs into pieces and groups contiguous pieces into
 shards of about a target size: the plan depends on file sizes only. Pass 1
@@ -26,7 +26,8 @@ from tokenization.documents import (
     is_validation,
     length_histogram,
 )
-from tokenization.readers import InputFile, Piece, SkipLog, split_file
+from tokenization.inputs import InputFile, Piece, split_file
+from tokenization.readers import SkipLog
 from tokenization.shards import write_shard
 
 
