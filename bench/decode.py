@@ -10,25 +10,19 @@ batch 8; the two are run alternately, after one warm-up each, and the median of
 `--repeats` runs is reported as new tokens per second (prefill included). The
 script also checks that both produce the same tokens.
 
-    python bench/decode.py --repeats 5 --new-tokens 64
+    python -m bench.decode --repeats 5 --new-tokens 64
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import sys
 import tempfile
-import time
-from pathlib import Path
+from functools import partial
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from model import GPT, ModelConfig, export_hf, generate_batch  # noqa: E402
+from bench._measure import describe_cpu, header, interleaved_medians, row, seconds
+from model import GPT, ModelConfig, export_hf, generate_batch
 
 MODELS = {
     "llama-style (6L/384d, GQA 6/2)": ModelConfig(
@@ -52,12 +46,6 @@ def theirs(hf_model: torch.nn.Module, prompts: list[list[int]], new_tokens: int)
     return out[:, idx.shape[1]:].tolist()
 
 
-def timed(fn, *args) -> tuple[float, list[list[int]]]:
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t0, out
-
-
 def bench_model(name: str, cfg: ModelConfig, *, batches: list[int], prompt_len: int, new_tokens: int,
                 repeats: int) -> list[str]:
     from transformers import AutoModelForCausalLM
@@ -71,14 +59,11 @@ def bench_model(name: str, cfg: ModelConfig, *, batches: list[int], prompt_len: 
     for B in batches:
         prompts = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
         same = ours(model, prompts, new_tokens) == theirs(hf_model, prompts, new_tokens)  # also the warm-up
-        t_ours, t_theirs = [], []
-        for _ in range(repeats):  # interleaved, so drifts in machine load hit both sides alike
-            t_ours.append(timed(ours, model, prompts, new_tokens)[0])
-            t_theirs.append(timed(theirs, hf_model, prompts, new_tokens)[0])
-        ours_tps = B * new_tokens / statistics.median(t_ours)
-        theirs_tps = B * new_tokens / statistics.median(t_theirs)
-        rows.append(f"| {name} | {model.num_params / 1e6:.1f}M | {B} | {theirs_tps:,.0f} | {ours_tps:,.0f} | "
-                    f"{ours_tps / theirs_tps:.2f}x | {'yes' if same else 'NO'} |")
+        med = interleaved_medians({"ours": partial(seconds, ours, model, prompts, new_tokens),
+                                   "theirs": partial(seconds, theirs, hf_model, prompts, new_tokens)}, repeats)
+        ours_tps, theirs_tps = B * new_tokens / med["ours"], B * new_tokens / med["theirs"]
+        rows.append(row([name, f"{model.num_params / 1e6:.1f}M", B, f"{theirs_tps:,.0f}", f"{ours_tps:,.0f}",
+                         f"{ours_tps / theirs_tps:.2f}x", "yes" if same else "NO"]))
         print(rows[-1], flush=True)
     return rows
 
@@ -92,17 +77,16 @@ def main() -> None:
     args = ap.parse_args()
     import transformers
 
-    print(f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{describe_cpu()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; greedy, prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, median of {args.repeats}\n", flush=True)
-    header = ["| model | params | batch | transformers tok/s | ours tok/s | ratio | same tokens |",
-              "|---|---|---|---|---|---|---|"]
-    print("\n".join(header), flush=True)
+    columns = header(["model", "params", "batch", "transformers tok/s", "ours tok/s", "ratio", "same tokens"])
+    print("\n".join(columns), flush=True)
     rows = []
     for name, cfg in MODELS.items():
         rows += bench_model(name, cfg, batches=args.batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                             repeats=args.repeats)
-    print("\n" + "\n".join(header + rows))
+    print("\n" + "\n".join(columns + rows))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ interleaved, median of `--repeats`:
 
 Parallel efficiency = pipeline MB/s / (cores x single-core MB/s).
 
-    python bench/tokenize.py --repeats 3
+    python -m bench.tokenize --repeats 3
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench._measure import interleaved_medians, print_table, report, run_one, seconds
 
 
 def make_corpus(folder: Path) -> tuple[Path, int]:
@@ -121,21 +118,13 @@ def one(kind: str, corpus: str, tokenizer: str) -> None:
         else:
             if kind == "single":
                 os.environ["RAYON_NUM_THREADS"] = "1"
-            t0 = time.perf_counter()
-            (run_datasets if kind == "datasets" else run_baseline)(corpus, tokenizer, out)
-            dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt}))
+            dt = seconds(run_datasets if kind == "datasets" else run_baseline, corpus, tokenizer, out)
+    report(seconds=dt)
 
 
 def measure(kind: str, corpus: Path, tokenizer: Path) -> float:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if kind == "single":
-        env["RAYON_NUM_THREADS"] = "1"
-    out = subprocess.run([sys.executable, __file__, "--one", kind, str(corpus), str(tokenizer)],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    env = {"RAYON_NUM_THREADS": "1"} if kind == "single" else None
+    return run_one("bench.tokenize", kind, str(corpus), str(tokenizer), env=env)["seconds"]
 
 
 def main() -> None:
@@ -155,23 +144,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         corpus, nbytes = make_corpus(Path(d))
         tokenizer = train_tokenizer(corpus, Path(d))
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(args.repeats):
-            for k in kinds:
-                times[k].append(measure(k, corpus, tokenizer))
+        med = interleaved_medians({k: partial(measure, k, corpus, tokenizer) for k in kinds}, args.repeats)
     mb = nbytes / 1e6
-    med = {k: statistics.median(v) for k, v in times.items()}
     single = mb / med["single"]
     print(f"# tokenization, {mb:.1f} MB of text, {cores} cores, median of {args.repeats}")
-    print("| method | seconds | MB/s | vs single core | parallel efficiency |")
-    print("|---|---|---|---|---|")
     names = {"single": "encode_batch, 1 thread", "batch": "encode_batch, all threads",
              "datasets": f"datasets.map(num_proc={cores})", "pipeline": "pipeline prepare (same work)",
              "pipeline-defaults": "pipeline prepare (NFC + dedup)"}
+    rows = []
     for k in kinds:
         mbps = mb / med[k]
         eff = f"{mbps / (cores * single):.2f}" if k.startswith("pipeline") else ""
-        print(f"| {names[k]} | {med[k]:.2f} | {mbps:.2f} | {mbps / single:.2f}x | {eff} |")
+        rows.append([names[k], f"{med[k]:.2f}", f"{mbps:.2f}", f"{mbps / single:.2f}x", eff])
+    print_table(["method", "seconds", "MB/s", "vs single core", "parallel efficiency"], rows)
 
 
 if __name__ == "__main__":

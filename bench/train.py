@@ -8,7 +8,7 @@ Each measurement is a fresh subprocess; runs are interleaved and the median of
 `--repeats` is reported, since these machines are noisy. Throughput excludes the
 first step (allocation / warm-up) and checkpointing is pushed past the step budget.
 
-    python bench/train.py --repeats 3
+    python -m bench.train --repeats 3
 
 The target on CPU is a step time of at most 1.10x the bare loop's.
 """
@@ -17,22 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench._measure import (
+    describe_device,
+    interleaved_medians,
+    print_table,
+    report,
+    run_one,
+)
 
 SIZES = {
-    "demo (4L/128d, T=128)": dict(n_layer=4, n_head=4, d_model=128, max_seq_len=128, micro=16, gbs=32),
-    "small (6L/256d, T=256)": dict(n_layer=6, n_head=8, d_model=256, max_seq_len=256, micro=8, gbs=16),
+    "demo (4L/128d, T=128)": {"n_layer": 4, "n_head": 4, "d_model": 128, "max_seq_len": 128, "micro": 16, "gbs": 32},
+    "small (6L/256d, T=256)": {"n_layer": 6, "n_head": 8, "d_model": 256, "max_seq_len": 256, "micro": 8, "gbs": 16},
 }
 VOCAB = 4096
 
@@ -106,17 +108,16 @@ def run_baseline(cfg: dict) -> float:
 def one(kind: str, cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     tps = run_baseline(cfg) if kind == "baseline" else run_pipeline(cfg)
-    print(json.dumps({"tokens_per_s": tps}))
+    report(tokens_per_s=tps)
 
 
-def measure(kind: str, cfg: dict, tmp: Path) -> float:
+def measure(side: str, zero: int, size: dict, shard: str, steps: int, tmp: Path) -> float:
+    """Tokens/s of one side ("baseline", "zero0", "zero1", "zero2") in a fresh subprocess."""
+    kind = "baseline" if side == "baseline" else "pipeline"
+    ckpt = tempfile.mkdtemp(dir=tmp, prefix=f"ckpt-{side}-")  # fresh: never resume another run
     p = tmp / f"{kind}.json"
-    p.write_text(json.dumps(cfg))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, "--one", kind, str(p)], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    p.write_text(json.dumps(worker_config(size, shard, steps, zero, ckpt)))
+    return run_one("bench.train", kind, str(p))["tokens_per_s"]
 
 
 def main() -> None:
@@ -129,27 +130,21 @@ def main() -> None:
         return one(*args.one)
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"# training throughput, {device}, torch {torch.__version__}, median of {args.repeats}, {args.steps} steps each")
+    print(f"# training throughput, {describe_device()}, torch {torch.__version__}, median of {args.repeats}, {args.steps} steps each")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         shard = make_shard(tmp)
         for name, size in SIZES.items():
-            results: dict[str, list[float]] = {"baseline": [], "zero0": [], "zero1": [], "zero2": []}
-            for _ in range(args.repeats):
-                for kind, zero in (("baseline", 0), ("zero0", 0), ("zero1", 1), ("zero2", 2)):
-                    ckpt = tempfile.mkdtemp(dir=tmp, prefix=f"ckpt-{kind}-")  # fresh: never resume another run
-                    cfg = worker_config(size, shard, args.steps, zero, ckpt)
-                    results[kind].append(measure("baseline" if kind == "baseline" else "pipeline", cfg, tmp))
-            med = {k: statistics.median(v) for k, v in results.items()}
-            rows.append((name, med))
-    print("| model | bare PyTorch tok/s | ZeRO-0 tok/s (step time) | ZeRO-1 tok/s (step time) | ZeRO-2 tok/s (step time) |")
-    print("|---|---|---|---|---|")
+            sides = {side: partial(measure, side, zero, size, shard, args.steps, tmp)
+                     for side, zero in (("baseline", 0), ("zero0", 0), ("zero1", 1), ("zero2", 2))}
+            rows.append((name, interleaved_medians(sides, args.repeats)))
+    table = []
     for name, med in rows:
         b = med["baseline"]
-        cells = [f"{med[k]:,.0f} ({b / med[k]:.2f}x)" for k in ("zero0", "zero1", "zero2")]
-        print(f"| {name} | {b:,.0f} | " + " | ".join(cells) + " |")
+        table.append([name, f"{b:,.0f}", *(f"{med[k]:,.0f} ({b / med[k]:.2f}x)" for k in ("zero0", "zero1", "zero2"))])
+    print_table(["model", "bare PyTorch tok/s", "ZeRO-0 tok/s (step time)", "ZeRO-1 tok/s (step time)",
+                 "ZeRO-2 tok/s (step time)"], table)
 
 
 if __name__ == "__main__":
