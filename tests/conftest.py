@@ -35,10 +35,14 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
+    import logging
+
     import ray
 
-    # address="local": always a fresh instance of our own, never one another process on this machine started
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING")
+    from pipeline.cluster.runtime import init_local
+
+    # always a fresh instance of our own, never one another process on this machine started, as `llmpipe run` does
+    init_local(num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

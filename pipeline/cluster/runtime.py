@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 
 
 class RayRuntime:
@@ -28,9 +29,8 @@ class RayRuntime:
         keep_ray_token_auth(connecting=bool(address))
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
-        else:  # a new local instance, even if a `ray start` cluster runs on this machine (RAY_ADDRESS picks that);
-            # its dashboard (which Ray Train's state queries need) binds to loopback only
-            ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        else:  # a new local instance, even if a `ray start` cluster runs on this machine (RAY_ADDRESS picks that)
+            init_local()
         self.started_here = True
 
     def shutdown(self) -> None:
@@ -38,6 +38,29 @@ class RayRuntime:
             import ray
 
             ray.shutdown()
+
+
+def init_local(*, num_cpus: int | None = None, logging_level: int = logging.WARNING) -> None:
+    """A new local Ray instance whose dashboard (which Ray Train's state queries need) binds to loopback only.
+
+    Processes of this instance that query Ray's state API without an address (Ray Train's placement-group cleaner
+    does, every second) would otherwise pick "the" cluster of this machine: the one the last `ray start` recorded
+    in /tmp/ray/ray_current_cluster, or any other Ray instance running here. That is not this one: a stopped
+    cluster times out (`RpcError: Timed out while waiting for GCS`, a traceback in a run that succeeds), another
+    one answers about the wrong actors. So every process of this instance is told its own dashboard.
+    """
+    import ray
+
+    keep_ray_token_auth(connecting=False)
+    port = _free_port()
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port,
+             logging_level=logging_level, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def keep_ray_token_auth(*, connecting: bool = True) -> None:
