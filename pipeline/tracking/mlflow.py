@@ -60,6 +60,11 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
 
 
+def _source_type(source: str) -> str:
+    """MLflow's name for where a dataset lives: `local` for a path, else the URI's scheme (s3, gs, ...)."""
+    return source.split("://", 1)[0] if "://" in source else "local"
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else MLflow's local default."""
     import mlflow
@@ -161,6 +166,17 @@ class Tracker(Outbox):
         if items:
             self._submit(Call(run_id, "tags", len(items), send))
 
+    def log_inputs(self, run_id: str, datasets: list[dict[str, Any]]) -> None:
+        """Dataset inputs of a run, shown in the UI's Datasets column: each a dict of name, digest, source (a folder
+        or URI), profile (numbers) and context ("training", "evaluation", ...)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        items = [DatasetInput(Dataset(d["name"], d["digest"], _source_type(d["source"]),
+                                      json.dumps({"uri": redact("source", d["source"])}), profile=json.dumps(d["profile"])),
+                              tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        if items:
+            self._submit(Call(run_id, "inputs", len(items), send=lambda rid: self.client.log_inputs(rid, datasets=items)))
+
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self._submit(Call(run_id, "artifact", send=lambda rid: self.client.log_artifact(rid, str(path), artifact_path)))
 
@@ -218,6 +234,7 @@ class NullTracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None: ...
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None: ...
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None: ...
+    def log_inputs(self, run_id: str, datasets: list[dict[str, Any]]) -> None: ...
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None: ...
@@ -236,15 +253,22 @@ class NullTracker:
 
 class StepLogger(Outbox):
     """Step metrics from a worker (rank 0) into an existing run. Never stops training: during an outage the
-    points are queued (bounded) and replayed; `close()` at the end of training sends or reports them."""
+    points are queued (bounded) and replayed; `close()` at the end of training sends or reports them. With
+    `system_metrics`, the node's CPU, memory and GPU use go into the same run (`pipeline.tracking.system`)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, *, max_pending_points: int = 100_000):
+    def __init__(self, tracking_uri: str, run_id: str, *, max_pending_points: int = 100_000,
+                 system_metrics: bool = False):
         from mlflow.tracking import MlflowClient
 
         fail_fast_http()
         super().__init__(tracking_uri, max_pending_points=max_pending_points, max_pending_calls=0)
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self._system = None
+        if system_metrics:
+            from pipeline.tracking.system import SystemMetrics
+
+            self._system = SystemMetrics(tracking_uri, run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -252,6 +276,12 @@ class StepLogger(Outbox):
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         self._submit(Call(self.run_id, "metrics", len(items), metrics=items))
+
+    def close(self) -> str | None:
+        if self._system is not None:  # its own report line, if it lost anything
+            self._system.close()
+            self._system = None
+        return super().close()
 
 
 class NullStepLogger:
@@ -264,4 +294,4 @@ class NullStepLogger:
 def step_logger(tracking_uri: str | None, run_id: str | None, rank: int) -> StepLogger | NullStepLogger:
     if rank != 0 or not tracking_uri or not run_id:
         return NullStepLogger()
-    return StepLogger(tracking_uri, run_id)
+    return StepLogger(tracking_uri, run_id, system_metrics=True)  # rank 0's node: where training runs

@@ -61,8 +61,8 @@ def short_cause(e: BaseException) -> str:
     return m.group(1).strip() if m else text[:200]
 
 
-_WHAT = {"run": "the run itself", "params": "param", "metrics": "metric point", "tags": "tag", "artifact": "artifact",
-         "model": "the logged model", "workers": "what its Ray workers log", "end": "its end status"}
+_WHAT = {"run": "the run itself", "params": "param", "metrics": "metric point", "tags": "tag", "inputs": "dataset input",
+         "artifact": "artifact", "model": "the logged model", "workers": "what its Ray workers log", "end": "its end status"}
 
 
 def _what(kind: str, n: int, steps: set[int] | None) -> str:
