@@ -1,6 +1,10 @@
 """The command line: `llmpipe run|status CONFIG [KEY.PATH=VALUE ...]`; on a Ray cluster `submit CONFIG ...`,
-`logs JOB`, `status --job JOB`, `stop JOB` (see `pipeline.jobs`); and the tools for a trained model:
-`generate` (sample from it), `export-hf` (a Hugging Face folder) and `compare` (evaluation metrics side by side).
+`logs JOB`, `status --job JOB`, `stop JOB` (see `pipeline.jobs`); the tools for a trained model:
+`generate` (sample from it), `export-hf` (a Hugging Face folder) and `compare` (evaluation metrics side by side);
+and `ui`, the MLflow UI of the tracking store (see `pipeline.tracking.ui`).
+
+`run` prints the pipeline's own lines and a live progress per stage (`pipeline.terminal`); what Ray, DeepSpeed
+and MLflow print goes to a log file per stage, which it names (`pipeline.runlogs`), or with `-v` to the terminal.
 
 Known errors (config, input data, workflow requests, store, training, a folder
 or run id that leads to no model) become one line on stderr and exit code 2, and
@@ -25,12 +29,14 @@ from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import ConfigError, TargetError, user_cause
+from pipeline.runlogs import latest_log_folder, log_folder
+from pipeline.terminal import Output
 from tokenization.bpe import EOS
 
 # The system refused a file operation for a reason the user fixes (space, quota, permissions, a file where a
 # folder should be): one line, not a traceback.
 REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
-TOOLS = ("generate", "export-hf", "compare", "config")
+TOOLS = ("generate", "export-hf", "compare", "config", "ui")
 JOB_COMMANDS = ("submit", "logs", "stop")
 
 
@@ -45,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--job", metavar="JOB_ID", help="the state of this Ray job instead")
     s.add_argument("--address", help="Ray job server (default: RAY_ADDRESS if http(s), else http://127.0.0.1:8265)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logging too")
     _job_parsers(sub)
     _tool_parsers(sub)
     return p
@@ -58,6 +65,8 @@ def _run_arguments(r: argparse.ArgumentParser) -> None:
     g.add_argument("--from", dest="from_stage", metavar="STAGE", help="force this stage and everything downstream")
     r.add_argument("--force", metavar="STAGE", action="append", default=[], help="force this stage (repeatable)")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's and MLflow's output here instead of in the run's log files")
 
 
 def _job_parsers(sub: argparse._SubParsersAction) -> None:
@@ -102,18 +111,23 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("runs", nargs="*", help="evaluate child runs or parent runs (MLflow run ids)")
     c.add_argument("--experiment", help="compare the newest evaluation of every distinct config in this experiment")
     c.add_argument("--metrics", action="append", default=[], metavar="GLOB", help="only these metrics, e.g. 'ppl_ctx_*'")
+    u = sub.add_parser("ui", help="serve the MLflow UI of the tracking store on 127.0.0.1 and print the newest run's address")
+    u.add_argument("--experiment", help="the newest run of this experiment (default: of any experiment)")
+    u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 for a local store's UI (default: 5000)")
     r = sub.add_parser("config", help="the configuration reference, generated from the schema")
     r.add_argument("--reference", action="store_true", required=True, help="print the reference (Markdown tables)")
     r.add_argument("--write", metavar="README", help="replace the generated block in this file instead of printing")
-    for tool in (g, e, c):
+    for tool in (g, e, c, u):
         tool.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LLMPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    default_level = "INFO" if getattr(args, "verbose", False) else "WARNING"
+    logging.basicConfig(level=os.environ.get("LLMPIPE_LOG", default_level), format="%(levelname)s %(name)s: %(message)s")
     if args.command in TOOLS:
-        tool = {"generate": _generate, "export-hf": _export_hf, "compare": _compare, "config": _config}[args.command]
+        tool = {"generate": _generate, "export-hf": _export_hf, "compare": _compare, "config": _config,
+                "ui": _ui}[args.command]
         return _guarded(lambda: tool(args))
     if args.command in JOB_COMMANDS or (args.command == "status" and args.job):
         return _guarded(lambda: _jobs(args))
@@ -164,7 +178,8 @@ def _jobs(args: argparse.Namespace) -> int:
         print(jobs.logs(args.job, address=args.address), end="")
         return 0
     run_args = [*(["--only", args.only] if args.only else []), *(["--from", args.from_stage] if args.from_stage else []),
-                *[a for f in args.force for a in ("--force", f)], *(["--dry-run"] if args.dry_run else [])]
+                *[a for f in args.force for a in ("--force", f)], *(["--dry-run"] if args.dry_run else []),
+                *(["--verbose"] if args.verbose else [])]
     job = jobs.submit(args.config, args.overrides, run_args, address=args.address, working_dir=args.working_dir,
                       env=args.env, tracking_uri=args.tracking_uri)
     print(f"submitted {job} to {jobs.job_address(args.address)}: follow with `llmpipe logs {job} -f`, "
@@ -186,21 +201,58 @@ def _workflow(args: argparse.Namespace) -> int:
     if args.command == "status":
         for it in plan(cfg, store, STAGES):
             print(it.describe().replace(" -> run", "").replace(" -> skip", ""))
+        for line in _where(cfg, store):
+            print(line)
         return 0
     items = plan(cfg, store, STAGES, only=args.only, from_stage=args.from_stage, force=args.force)
-    print(f"plan for {cfg.name} (store {store.uri}):")
-    for it in items:
-        print("  " + it.describe())
-    if args.dry_run:
-        return 0
-    if not any(it.run for it in items):
-        print("nothing to run: every stage is cached")
-    manifests = execute(cfg, items, STAGES)
-    ev = manifests.get("evaluate", {}).get("metrics", {})
-    if "val_loss" in ev:
-        print(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
-              f"vs unigram {ev['unigram_loss']:.4f}")
+    # Library output (Ray, DeepSpeed, MLflow) goes to a log file per stage, unless -v asks for it here.
+    quiet = not (args.verbose or args.dry_run)
+    log_dir = log_folder(store.base if store.is_local else store.uri, is_local=store.is_local) if quiet else None
+    with Output(log_dir=log_dir) as out:
+        out.line(f"plan for {cfg.name} (store {store.uri}):")
+        for it in items:
+            out.line("  " + it.describe())
+        if args.dry_run:
+            return 0
+        if log_dir:
+            out.line(f"logs: {log_dir} (Ray, DeepSpeed and MLflow output, a file per stage; -v shows it here)")
+        if not any(it.run for it in items):
+            out.line("nothing to run: every stage is cached")
+        manifests = execute(cfg, items, STAGES, output=out)
+        ev = manifests.get("evaluate", {}).get("metrics", {})
+        if "val_loss" in ev:
+            out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
+                     f"vs unigram {ev['unigram_loss']:.4f}")
     return 0
+
+
+def _where(cfg, store: ArtifactStore) -> list[str]:
+    """`status`: where the newest run's logs are and how to see the runs in MLflow."""
+    from pipeline.tracking.mlflow import tracking_uri
+    from pipeline.tracking.ui import is_server
+
+    logs = latest_log_folder(store.base if store.is_local else store.uri, is_local=store.is_local)
+    lines = [f"logs: {logs} (the newest run's: run.log and a file per stage)"] if logs else []
+    if not cfg.tracking.enabled:
+        return [*lines, "MLflow: off (tracking.enabled: false)"]
+    uri = tracking_uri()
+    ui = f"its UI: {uri}" if is_server(uri) else "`llmpipe ui` serves its UI on http://127.0.0.1:5000"
+    return [*lines, f"MLflow: experiment {cfg.experiment_name!r} in {uri}; {ui}"]
+
+
+def _ui(args: argparse.Namespace) -> None:
+    from pipeline.tracking.mlflow import tracking_uri
+    from pipeline.tracking.ui import UiServer, addresses, is_server, latest_parent
+
+    uri = args.tracking_uri or tracking_uri()
+    newest = latest_parent(uri, args.experiment)
+    if is_server(uri):  # a tracking server is its own UI
+        print("\n".join(addresses(uri.rstrip("/"), newest)))
+        return
+    server = UiServer(uri, args.port).start()
+    print(f"MLflow UI of {uri} on {server.base} (Ctrl-C stops it; its log: {server.log})")
+    print("\n".join(addresses(server.base, newest)), flush=True)
+    server.wait()
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -28,7 +28,7 @@ class RayRuntime:
         address = os.environ.get("RAY_ADDRESS")
         keep_ray_token_auth(connecting=bool(address))
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.INFO)
         else:  # a new local instance, even if a `ray start` cluster runs on this machine (RAY_ADDRESS picks that)
             init_local()
         self.started_here = True
@@ -40,7 +40,7 @@ class RayRuntime:
             ray.shutdown()
 
 
-def init_local(*, num_cpus: int | None = None, logging_level: int = logging.WARNING) -> None:
+def init_local(*, num_cpus: int | None = None, logging_level: int = logging.INFO) -> None:
     """A new local Ray instance whose dashboard (which Ray Train's state queries need) binds to loopback only.
 
     Processes of this instance that query Ray's state API without an address (Ray Train's placement-group cleaner

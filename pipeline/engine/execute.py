@@ -19,12 +19,14 @@ from typing import Any
 from pipeline import faults
 from pipeline.cluster.preflight import is_local_tracking_uri, preflight
 from pipeline.cluster.runtime import RayRuntime, submission_id
+from pipeline.engine import notes
 from pipeline.engine.locks import StageLocks
 from pipeline.engine.plan import PlanItem
 from pipeline.engine.stage import Stage, StageContext, Upstream
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import WorkflowError
 from pipeline.schema import Config, flatten
+from pipeline.terminal import Output
 from pipeline.tracking.mlflow import NullTracker, Tracker, git_commit, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,10 @@ class Services:
     ray: RayRuntime
     commit: str | None  # the git commit of the code that runs
     tags: dict[str, str]  # tags of every run of this invocation
-    echo: Echo
+    out: Output  # the terminal: lines, a progress and a log file per stage
+
+    def echo(self, text: str) -> None:
+        self.out.line(text)
 
 
 def _tracker(cfg: Config) -> Tracker | NullTracker:
@@ -49,7 +54,7 @@ def _tracker(cfg: Config) -> Tracker | NullTracker:
 
 
 @contextmanager
-def services(cfg: Config, items: list[PlanItem], echo: Echo) -> Iterator[Services]:
+def services(cfg: Config, items: list[PlanItem], out: Output) -> Iterator[Services]:
     """Open the store, MLflow, the stage locks and (when a selected stage needs it) Ray with the cluster
     pre-flight, in the order that makes a refusal cheap; close them all whatever happens."""
     store = ArtifactStore(cfg.store.root)
@@ -57,7 +62,7 @@ def services(cfg: Config, items: list[PlanItem], echo: Echo) -> Iterator[Service
     # An unreachable tracking server fails here, before anything is written or Ray starts; a local store (SQLite,
     # files) is opened only after the cluster check, which refuses it on a multi-node cluster before it is created.
     tracker = None if uri and is_local_tracking_uri(uri) else _tracker(cfg)
-    locks = StageLocks(store, echo)  # one builder per stage folder across invocations (see pipeline.engine.locks)
+    locks = StageLocks(store, out.line)  # one builder per stage folder across invocations (see pipeline.engine.locks)
     ray = RayRuntime()
     try:
         if any(it.run and it.stage.uses_ray for it in items):  # before any work: can every node share store and tracking?
@@ -66,31 +71,44 @@ def services(cfg: Config, items: list[PlanItem], echo: Echo) -> Iterator[Service
         commit, job = git_commit(), submission_id()
         tags = {"llmpipe.config": cfg.name, **({"mlflow.source.git.commit": commit} if commit else {}),
                 **({"ray.job_submission_id": job} if job else {})}
-        yield Services(store, tracker or _tracker(cfg), locks, ray, commit, tags, echo)
+        yield Services(store, tracker or _tracker(cfg), locks, ray, commit, tags, out)
     finally:
         locks.release()
         ray.shutdown()
 
 
-def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Echo = print) -> dict[str, dict[str, Any]]:
-    """Run the selected items in order; returns {stage: manifest} for every item."""
-    with services(cfg, items, echo) as sv:
+def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Echo = print,
+            output: Output | None = None) -> dict[str, dict[str, Any]]:
+    """Run the selected items in order; returns {stage: manifest} for every item. `output` is the terminal
+    (`llmpipe run`'s, with a live progress and log files); without one, lines go to `echo` and library output
+    stays where it is."""
+    if output is None:
+        with Output(echo=echo) as out:
+            return execute(cfg, items, stages, output=out)
+    with services(cfg, items, output) as sv:
         ran = [it.stage.name for it in items if it.run]
         run_name = f"{cfg.name}: {', '.join(ran) if ran else 'all cached'}"  # tells invocations apart in the runs list
         parent = sv.tracker.start_parent(run_name, flatten(cfg.model_dump(mode="json")), sv.tags)
         if parent:
-            echo(f"MLflow: experiment {cfg.experiment_name!r}, parent run {parent} ({sv.tracker.tracking_uri})")
+            sv.echo(f"MLflow: experiment {cfg.experiment_name!r}, parent run {parent} ({sv.tracker.tracking_uri})")
         manifests: dict[str, dict[str, Any]] = {}
+        summary: list[str] = []  # the parent run's description, a line per stage
         child = ""
         try:
             for it in items:
                 # the lock is held until the stage is committed; claim() says when another run committed it meanwhile
                 if not it.run or sv.locks.claim(it.stage.name, it.fingerprint, forced=it.forced):
-                    manifests[it.stage.name] = _replay_cached(cfg, it, sv)
+                    manifests[it.stage.name] = _replay_cached(cfg, it, manifests, sv)
+                    summary.append(notes.stage_line(it.stage.name, manifests[it.stage.name].get("metrics", {}),
+                                                    duration_s=None))
                     continue
                 child = sv.tracker.start_child(it.stage.name, _params(cfg, it), {**_tags(it, sv), "cache": "miss"})
                 manifests[it.stage.name] = _run_stage(cfg, it, child, manifests, sv)
+                m = manifests[it.stage.name]
+                summary.append(notes.stage_line(it.stage.name, m.get("metrics", {}), duration_s=m.get("duration_s")))
                 child = ""
+            sv.tracker.set_tags(parent, {notes.NOTE_TAG: notes.parent_note(
+                cfg.name, store=sv.store.uri, stages=summary, log_dir=sv.out.log_dir, commit=sv.commit)})
             sv.tracker.end(parent)
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -109,23 +127,41 @@ def _tags(it: PlanItem, sv: Services) -> dict[str, str]:
     return {**sv.tags, "fingerprint": it.fingerprint, "artifact_uri": sv.store.stage_uri(it.stage.name, it.fingerprint)}
 
 
-def _replay_cached(cfg: Config, it: PlanItem, sv: Services) -> dict[str, Any]:
-    """A cached stage still gets a child run: tagged `cache: hit`, with the metrics and the id of the run that built it."""
+def _replay_cached(cfg: Config, it: PlanItem, manifests: dict[str, dict[str, Any]], sv: Services) -> dict[str, Any]:
+    """A cached stage still gets a child run: tagged `cache: hit`, with the metrics, the inputs and the id of the run
+    that built it."""
     name = it.stage.name
     m = sv.store.manifest(name, it.fingerprint)
     assert m is not None, f"{name} planned as cached but has no manifest"
-    child = sv.tracker.start_child(name, _params(cfg, it), {**_tags(it, sv), "cache": "hit",
-                                                            "source_run_id": m.get("mlflow_run_id") or ""})
+    source = m.get("mlflow_run_id") or ""
+    child = sv.tracker.start_child(name, _params(cfg, it), {**_tags(it, sv), "cache": "hit", "source_run_id": source})
     sv.tracker.log_metrics(child, m.get("metrics", {}))
+    inputs = _upstreams(it, manifests, sv.store, strict=False)
+    _describe(child, it, inputs, m.get("metrics", {}), sv, source_run=source)
     sv.tracker.end(child)
     sv.echo(f"[{name}] cached {it.fingerprint[:16]}")
     return m
 
 
-def _upstreams(it: PlanItem, manifests: dict[str, dict[str, Any]], store: ArtifactStore) -> dict[str, Upstream]:
+def _describe(child: str, it: PlanItem, inputs: dict[str, Upstream], metrics: dict[str, Any], sv: Services, *,
+              duration_s: float | None = None, source_run: str | None = None) -> None:
+    """The child run's dataset inputs (its upstream stages) and its description."""
+    s, uri = it.stage, sv.store.stage_uri(it.stage.name, it.fingerprint)
+    sv.tracker.log_inputs(child, notes.datasets(inputs, s.input_context, sv.store.stage_uri))
+    log = sv.out.log_dir / f"{s.name}.log" if sv.out.log_dir and duration_s is not None else None
+    sv.tracker.set_tags(child, {notes.NOTE_TAG: notes.stage_note(
+        s.name, fingerprint=it.fingerprint, uri=uri, metrics=metrics, inputs=inputs, duration_s=duration_s, log=log,
+        source_run=source_run)})
+
+
+def _upstreams(it: PlanItem, manifests: dict[str, dict[str, Any]], store: ArtifactStore, *,
+               strict: bool = True) -> dict[str, Upstream]:
+    """The committed upstreams; a missing one is an error, or (`strict=False`, describing a cached stage) left out."""
     inputs = {}
     for n, up in it.upstream.items():
         m = manifests.get(n) or store.manifest(n, up)
+        if m is None and not strict:
+            continue
         if m is None:
             raise WorkflowError(f"{it.stage.name}: upstream {n} ({up[:16]}) is not committed")
         inputs[n] = Upstream(n, up, store.ref(n, up), m)
@@ -135,27 +171,29 @@ def _upstreams(it: PlanItem, manifests: dict[str, dict[str, Any]], store: Artifa
 def _run_stage(cfg: Config, it: PlanItem, child: str, manifests: dict[str, dict[str, Any]], sv: Services) -> dict[str, Any]:
     """Build one stage in its working folder and commit it (`_COMPLETE.json` last); returns its manifest."""
     s, store = it.stage, sv.store
-    if s.uses_ray:
-        sv.ray.ensure()
-    inputs = _upstreams(it, manifests, store)
-    workdir = store.working_dir(s.name, it.fingerprint, keep_partial=s.resumable and not it.forced)
     uri = store.stage_uri(s.name, it.fingerprint)
-    ctx = StageContext(cfg, s.name, it.fingerprint, it.section, workdir, uri, inputs, sv.tracker, child,
-                       store.ref(s.name, it.fingerprint))
     sv.echo(f"[{s.name}] running {it.fingerprint[:16]} -> {uri}")
-    t0 = time.time()
-    faults.maybe_fail("stage", s.name)  # drills and tests: LLMPIPE_FAULTS=stage:<name>:pause|exit|raise
-    metrics = s.run(ctx) or {}
-    dt = time.time() - t0
-    manifest = store.commit(s.name, it.fingerprint, workdir, {
-        "stage": s.name, "version": s.version, "config": it.section, "upstream": it.upstream,
-        "metrics": metrics, "started_at": t0, "duration_s": dt, "mlflow_run_id": sv.tracker.mlflow_id(child),
-        "git_commit": sv.commit,
-    })
-    store.remember(cfg.experiment_name, s.name, it.fingerprint)
-    sv.locks.release()
-    sv.tracker.log_metrics(child, {**metrics, "duration_s": dt})
-    sv.tracker.end(child)
+    with sv.out.stage(s.name) as progress:  # library output into the stage's log, a live progress on the terminal
+        if s.uses_ray:
+            sv.ray.ensure()
+        inputs = _upstreams(it, manifests, store)
+        workdir = store.working_dir(s.name, it.fingerprint, keep_partial=s.resumable and not it.forced)
+        ctx = StageContext(cfg, s.name, it.fingerprint, it.section, workdir, uri, inputs, sv.tracker, child,
+                           store.ref(s.name, it.fingerprint), progress)
+        t0 = time.time()
+        faults.maybe_fail("stage", s.name)  # drills and tests: LLMPIPE_FAULTS=stage:<name>:pause|exit|raise
+        metrics = s.run(ctx) or {}
+        dt = time.time() - t0
+        manifest = store.commit(s.name, it.fingerprint, workdir, {
+            "stage": s.name, "version": s.version, "config": it.section, "upstream": it.upstream,
+            "metrics": metrics, "started_at": t0, "duration_s": dt, "mlflow_run_id": sv.tracker.mlflow_id(child),
+            "git_commit": sv.commit,
+        })
+        store.remember(cfg.experiment_name, s.name, it.fingerprint)
+        sv.locks.release()
+        sv.tracker.log_metrics(child, {**metrics, "duration_s": dt})
+        _describe(child, it, inputs, metrics, sv, duration_s=dt)
+        sv.tracker.end(child)
     sv.echo(f"[{s.name}] committed in {dt:.1f}s " + " ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:8]))
     return manifest
 

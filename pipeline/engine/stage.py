@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.engine.store import StageRef
 from pipeline.schema import Config
+from pipeline.terminal import Progress
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class StageContext:
     tracker: Any
     run_id: str
     output: StageRef  # this stage's folder, for Ray tasks that write into it from any node
+    progress: Progress = field(default_factory=Progress)  # the live display: done/total and a status text
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Stage:
     resumable: bool = False  # keep a partial folder (training resumes from its checkpoints)
     uses_ray: bool = True
     params: Callable[[Config], dict[str, Any]] | None = None  # logged to MLflow (default: section)
+    input_context: str = "input"  # what its upstreams are to it, in MLflow's dataset inputs ("training", ...)
 
 
 def fingerprint(stage: Stage, section: dict[str, Any], upstream: dict[str, str]) -> str:

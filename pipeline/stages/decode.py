@@ -95,7 +95,10 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     d = ctx.config.decode
     task = ray.remote(_decode_task).options(**task_options(ctx.config.resources.decode, "decode"))
-    rows = ray.get(task.remote(ctx.inputs["train"].ref, prompts=read_prompts(d), opts=d.sampling_options(),
+    prompts = read_prompts(d)
+    ctx.progress.update(status=f"{len(prompts)} prompt(s) x {d.num_samples} sample(s) of {d.max_new_tokens} tokens "
+                               "(one Ray task)")
+    rows = ray.get(task.remote(ctx.inputs["train"].ref, prompts=prompts, opts=d.sampling_options(),
                                eos_token=ctx.config.tokenizer.eos_token))
     _, md = write_samples(rows, ctx.out_dir)
     ctx.tracker.log_table(ctx.run_id, rows, "samples.json")
@@ -107,4 +110,5 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="decode", needs=("tokenizer", "train"), section=_section, version=2, run=run,
+              input_context="inference",
               params=lambda cfg: as_dict(cfg.decode))

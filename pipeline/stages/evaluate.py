@@ -91,6 +91,8 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     cfg = ctx.config
     task = ray.remote(_evaluate_task).options(**task_options(cfg.resources.evaluate, "evaluate"))
+    ctx.progress.update(status=f"scoring up to {cfg.evaluate.max_tokens} validation tokens at "
+                               f"{len(set(cfg.evaluate.context_multipliers) | {1.0})} context lengths (one Ray task)")
     result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, train_seq_len=cfg.train_seq_len,
                                  opts=cfg.evaluate))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
@@ -101,4 +103,5 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="evaluate", needs=("tokenizer", "prepare", "train"), section=_section, version=2, run=run,
+              input_context="evaluation",
               params=lambda cfg: as_dict(cfg.evaluate))

@@ -18,6 +18,7 @@ listed with file:line in `skipped.jsonl`; a length histogram goes to MLflow.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from pipeline import ray_tasks as tasks
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.schema import Config, as_dict, fingerprint_view
+from pipeline.terminal import Progress
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
 from tokenization.corpus import plan_shards
 from tokenization.documents import LENGTH_EDGES, duplicate_indices
@@ -59,17 +61,37 @@ def run(ctx: StageContext) -> dict[str, float]:
     options = task_options(res, "prepare", max_retries=d.max_retries,
                            **({"runtime_env": {"env_vars": faults.env()}} if faults.env() else {}))
     shards_ref = ray.put(shards)
+    sizes = [sum(p.end - p.start for p in shard) for shard in shards]
     if d.dedup:
-        hashed = ray.get([ray.remote(tasks.hash_task).options(**options).remote(shards_ref, g, opts) for g in groups])
+        hashed = _gather([ray.remote(tasks.hash_task).options(**options).remote(shards_ref, g, opts) for g in groups],
+                         groups, sizes, ctx.progress, "hashed")
         drops = duplicate_indices([h for part in hashed for h in part])
     else:
         drops = [np.zeros(0, dtype=np.int64)] * len(shards)
     kw = {"eos_token": cfg.tokenizer.eos_token, "opts": opts, "val_fraction": d.val_fraction, "append_eos": d.append_eos}
     task = ray.remote(tasks.tokenize_task).options(**options)
-    results = ray.get([task.remote(shards_ref, g, [drops[i] for i in g], kw, tok.ref, ctx.output, res.num_cpus)
-                       for g in groups])
+    results = _gather([task.remote(shards_ref, g, [drops[i] for i in g], kw, tok.ref, ctx.output, res.num_cpus)
+                       for g in groups], groups, sizes, ctx.progress, "tokenized")
     per_shard = [r for part in results for r in part]
     return _finish(ctx, per_shard, str(tok.file("tokenizer.json")))
+
+
+def _gather(refs: list, groups: list[list[int]], sizes: list[int], progress: Progress, verb: str) -> list:
+    """`ray.get` of the tasks, in order, showing the shards done (of all) and the raw MB/s as each task ends."""
+    import ray
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    total, done, done_bytes, t0 = len(sizes), 0, 0, time.monotonic()
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        i = index[ready[0]]
+        results[i] = ray.get(ready[0])  # a failed task raises here, as a plain ray.get of them all would
+        done, done_bytes = done + len(groups[i]), done_bytes + sum(sizes[s] for s in groups[i])
+        mb_s = done_bytes / 2**20 / max(time.monotonic() - t0, 1e-6)
+        progress.update(done=done, total=total, status=f"{verb} {done}/{total} shards, {mb_s:.1f} MB/s")
+    return results
 
 
 def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str) -> dict[str, float]:

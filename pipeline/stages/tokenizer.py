@@ -54,8 +54,10 @@ def run(ctx: StageContext) -> dict[str, float]:
         shutil.copyfile(src, ctx.out_dir / "tokenizer.json")
         return {"vocab_size": float(tok.get_vocab_size())}
     res = cfg.resources.tokenizer
+    files = resolve_inputs(cfg.data.inputs)
+    ctx.progress.update(status=f"training a {t.vocab_size}-token BPE on {len(files)} files (one Ray task)")
     task = ray.remote(tasks.tokenizer_task).options(**task_options(res, "tokenizer", max_retries=cfg.data.max_retries))
-    metrics, text = ray.get(task.remote(resolve_inputs(cfg.data.inputs), opts=cfg.data.doc_options(), vocab_size=t.vocab_size,
+    metrics, text = ray.get(task.remote(files, opts=cfg.data.doc_options(), vocab_size=t.vocab_size,
                                         min_frequency=t.min_frequency, max_train_bytes=t.max_train_bytes,
                                         special_tokens=t.special_tokens))
     (ctx.out_dir / "tokenizer.json").write_text(text, encoding="utf-8")

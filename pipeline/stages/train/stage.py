@@ -29,6 +29,7 @@ from pipeline.stages.train.init_from import (
     init_config,
     init_identity,
 )
+from pipeline.stages.train.progress import forward_progress
 from pipeline.stages.train.worker import STATE, train_loop_per_worker
 
 
@@ -43,16 +44,31 @@ def _section(cfg: Config) -> dict[str, Any]:
     return {"model": fingerprint_view(cfg.model), "train": train}
 
 
-def run(ctx: StageContext) -> dict[str, float]:
+def _trainer(worker_config: dict[str, Any], ctx: StageContext, scaling: dict[str, Any]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    t, store = ctx.config.train, ctx.output.store()
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config,
+        torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
+        scaling_config=ScalingConfig(**scaling),
+        # a remote store's own filesystem object keeps its options (endpoint, region) that a bare URI would lose
+        run_config=RunConfig(name="ray_train", storage_path=ctx.out_uri if store.is_local else store.stage_path("train", ctx.fingerprint),
+                             storage_filesystem=None if store.is_local else store.fs,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             worker_runtime_env={"env_vars": faults.env()} if faults.env() else None),
+    )
+
+
+def run(ctx: StageContext) -> dict[str, float]:
     cfg = ctx.config
     t = cfg.train
     tok = ctx.inputs["tokenizer"]
     vocab = int(tok.manifest["metrics"]["vocab_size"])
     scaling = train_scaling(cfg.resources.train, t.num_workers)
-    store = ctx.output.store()
     if t.init_from:  # refuse a mismatched architecture before launching anything
         check_init_compatible(init_config(t.init_from), model_dict(cfg, vocab), t.init_from)
     if "://" not in ctx.out_uri:  # a kept folder (resume): same worker count as its checkpoints, before launch
@@ -70,20 +86,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
                  "prepare_fingerprint": ctx.inputs["prepare"].fingerprint, "train_fingerprint": ctx.fingerprint},
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=worker_config,
-        torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
-        scaling_config=ScalingConfig(**scaling),
-        # a remote store's own filesystem object keeps its options (endpoint, region) that a bare URI would lose
-        run_config=RunConfig(name="ray_train", storage_path=ctx.out_uri if store.is_local else store.stage_path("train", ctx.fingerprint),
-                             storage_filesystem=None if store.is_local else store.fs,
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                             worker_runtime_env={"env_vars": faults.env()} if faults.env() else None),
-    )
     try:
-        result = trainer.fit()
+        with forward_progress(ctx.progress) as sink:  # rank 0's progress lines reach the display through it
+            result = _trainer({**worker_config, "progress": sink}, ctx, scaling).fit()
     except Exception as e:  # Ray wraps a worker's error; a user error inside it is reported as itself
         cause = user_cause(e)
         if cause is None:
@@ -107,4 +112,5 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=1, run=run, resumable=True,
+              input_context="training",
               params=lambda cfg: {"model": as_dict(cfg.model), "train": as_dict(cfg.train)})

@@ -32,8 +32,9 @@ from pipeline.engine.store import StageRef
 from pipeline.errors import TrainingError
 from pipeline.stages.train.checkpoints import STATE, Checkpoints, check_same_layout
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
-from pipeline.stages.train.metrics import peak_flops, progress_line, validation_loss
+from pipeline.stages.train.metrics import peak_flops, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
+from pipeline.stages.train.progress import report_progress
 from pipeline.tracking.mlflow import step_logger
 from tokenization.dataset import TokenWindows, sample_indices
 from tokenization.shards import shard_paths
@@ -55,6 +56,7 @@ class WorkerConfig:
     tracking_uri: str | None = None
     run_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # provenance written into model.json
+    progress: Any = None  # the driver's progress sink (a Ray actor); without one rank 0 prints its progress line
 
 
 def _in_ray_train() -> bool:
@@ -190,8 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
                                                      micro=micro, device=device)
         if done % t["log_every"] == 0 or done == steps or step == start_step:
             logger.log_metrics(last, step=done)
-            if rank == 0:
-                print(progress_line(done, steps, last, time.perf_counter() - t_start, start_step), flush=True)
+            report_progress(cfg.progress, rank, done, steps, last, time.perf_counter() - t_start, start_step)
         if done % t["checkpoint_every"] == 0 or done == steps:
             _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last)
             faults.maybe_fail("train.step", done)
