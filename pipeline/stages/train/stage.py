@@ -59,8 +59,14 @@ def _trainer(worker_config: dict[str, Any], ctx: StageContext, scaling: dict[str
                              storage_filesystem=None if store.is_local else store.fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                             worker_runtime_env={"env_vars": faults.env()} if faults.env() else None),
+                             worker_runtime_env={"env_vars": _worker_env(scaling)}),
     )
+
+
+def _worker_env(scaling: dict[str, Any]) -> dict[str, str]:
+    """Training workers' environment: the fault drills', and DeepSpeed told the CPU is the device when it is (it
+    would find no GPU and warn, on every worker, that it may have missed one)."""
+    return {**faults.env(), **({} if scaling["use_gpu"] else {"DS_ACCELERATOR": "cpu"})}
 
 
 def run(ctx: StageContext) -> dict[str, float]:
