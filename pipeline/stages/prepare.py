@@ -63,26 +63,29 @@ def run(ctx: StageContext) -> dict[str, float]:
     shards_ref = ray.put(shards)
     sizes = [sum(p.end - p.start for p in shard) for shard in shards]
     if d.dedup:
+        t0 = time.monotonic()
         hashed = _gather([ray.remote(tasks.hash_task).options(**options).remote(shards_ref, g, opts) for g in groups],
-                         groups, sizes, ctx.progress, "hashed")
+                         groups, sizes, ctx.progress, "hashed", t0)
         drops = duplicate_indices([h for part in hashed for h in part])
     else:
         drops = [np.zeros(0, dtype=np.int64)] * len(shards)
     kw = {"eos_token": cfg.tokenizer.eos_token, "opts": opts, "val_fraction": d.val_fraction, "append_eos": d.append_eos}
     task = ray.remote(tasks.tokenize_task).options(**options)
+    t0 = time.monotonic()
     results = _gather([task.remote(shards_ref, g, [drops[i] for i in g], kw, tok.ref, ctx.output, res.num_cpus)
-                       for g in groups], groups, sizes, ctx.progress, "tokenized")
+                       for g in groups], groups, sizes, ctx.progress, "tokenized", t0)
     per_shard = [r for part in results for r in part]
     return _finish(ctx, per_shard, str(tok.file("tokenizer.json")))
 
 
-def _gather(refs: list, groups: list[list[int]], sizes: list[int], progress: Progress, verb: str) -> list:
-    """`ray.get` of the tasks, in order, showing the shards done (of all) and the raw MB/s as each task ends."""
+def _gather(refs: list, groups: list[list[int]], sizes: list[int], progress: Progress, verb: str, t0: float) -> list:
+    """`ray.get` of the tasks, in order, showing the shards done (of all) and the raw MB/s since `t0` (when they
+    were submitted) as each task ends."""
     import ray
 
     index = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)
-    total, done, done_bytes, t0 = len(sizes), 0, 0, time.monotonic()
+    total, done, done_bytes = len(sizes), 0, 0
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
