@@ -73,8 +73,10 @@ class UiServer:
                 raise TrackingError(f"ui: port {self.port} on 127.0.0.1 is taken; give another with --port")
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri, "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
+        # MLflow's job runner (eight more processes, for GenAI judges and the like) serves nothing of a training run
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
         with open(self.log, "ab") as log:  # its own session: a Ctrl-C here stops it through stop(), in order
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
