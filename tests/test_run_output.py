@@ -100,7 +100,7 @@ def test_each_stage_run_has_its_inputs_as_datasets_and_a_description(quiet_run):
     fingerprints = {s: r.data.tags["fingerprint"] for s, r in children.items()}
 
     train_inputs = {d.dataset.name: d for d in children["train"].inputs.dataset_inputs}
-    assert set(train_inputs) == {"tokenizer", "prepare"}
+    assert list(train_inputs) == ["prepare", "tokenizer"]  # the data first: the runs table shows the first one
     prepare = train_inputs["prepare"]
     assert prepare.dataset.digest == fingerprints["prepare"][:16]
     assert {t.key: t.value for t in prepare.tags} == {"mlflow.data.context": "training"}

@@ -5,6 +5,12 @@ Ray only if a selected stage uses it, the cluster pre-flight) and closes it all
 at the end whatever happens; a cached stage is replayed as an MLflow child run
 tagged `cache: hit`; a stage that runs gets its upstreams, a working folder and a
 child run, and is committed (`_COMPLETE.json` last) before the next one starts.
+
+What the user sees goes through an `Output` (`pipeline.terminal`): a line per
+stage, the running stage's live progress (`ctx.progress`) and, for `llmpipe
+run`, what the libraries print in the stage's log file. Every child run, ran or
+cached, also gets its upstream stages as MLflow dataset inputs and a
+description, the parent run a summary (`pipeline.engine.notes`).
 """
 
 from __future__ import annotations
@@ -147,7 +153,7 @@ def _describe(child: str, it: PlanItem, inputs: dict[str, Upstream], metrics: di
               duration_s: float | None = None, source_run: str | None = None) -> None:
     """The child run's dataset inputs (its upstream stages) and its description."""
     s, uri = it.stage, sv.store.stage_uri(it.stage.name, it.fingerprint)
-    sv.tracker.log_inputs(child, notes.datasets(inputs, s.input_context, sv.store.stage_uri))
+    sv.tracker.log_inputs(child, notes.datasets(inputs, s.input_context, sv.store.stage_uri, first=s.main_input))
     log = sv.out.log_dir / f"{s.name}.log" if sv.out.log_dir and duration_s is not None else None
     sv.tracker.set_tags(child, {notes.NOTE_TAG: notes.stage_note(
         s.name, fingerprint=it.fingerprint, uri=uri, metrics=metrics, inputs=inputs, duration_s=duration_s, log=log,

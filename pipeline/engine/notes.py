@@ -3,7 +3,7 @@
 Each child run lists the upstream stages it read as MLflow dataset inputs (the UI's *Datasets* column): the
 upstream's name, its fingerprint (the folder name) as digest, its folder as source and its committed metrics
 (documents, tokens, shards, ...) as profile, with the reading stage's `input_context` ("training",
-"evaluation", ...). Its description (`mlflow.note.content`, the run page's *Description*) says in markdown
+"evaluation", ...); its `main_input` (the upstream it reads as data) first, which the runs table shows. Its description (`mlflow.note.content`, the run page's *Description*) says in markdown
 what ran, its key numbers and where its folder and log are; the parent run's lists every stage of the
 invocation. Plain functions of what the engine already knows.
 """
@@ -19,10 +19,12 @@ NOTE_TAG = "mlflow.note.content"
 KEY_METRICS = 8  # as many as the `[stage] committed` line shows
 
 
-def datasets(inputs: dict[str, Upstream], context: str, stage_uri: Any) -> list[dict[str, Any]]:
-    """One dataset input per upstream stage (`stage_uri(name, fingerprint)` gives its folder)."""
+def datasets(inputs: dict[str, Upstream], context: str, stage_uri: Any, *, first: str | None = None) -> list[dict[str, Any]]:
+    """One dataset input per upstream stage (`stage_uri(name, fingerprint)` gives its folder), `first` first: the
+    runs table shows the first one and counts the others."""
+    ordered = sorted(inputs.values(), key=lambda up: up.name != first)
     return [{"name": up.name, "digest": up.fingerprint[:16], "source": stage_uri(up.name, up.fingerprint),
-             "profile": _numbers(up.manifest.get("metrics", {})), "context": context} for up in inputs.values()]
+             "profile": _numbers(up.manifest.get("metrics", {})), "context": context} for up in ordered]
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, int | float]:

@@ -59,6 +59,7 @@ class Stage:
     uses_ray: bool = True
     params: Callable[[Config], dict[str, Any]] | None = None  # logged to MLflow (default: section)
     input_context: str = "input"  # what its upstreams are to it, in MLflow's dataset inputs ("training", ...)
+    main_input: str | None = None  # the upstream it reads as data: listed first, so MLflow's Datasets column shows it
 
 
 def fingerprint(stage: Stage, section: dict[str, Any], upstream: dict[str, str]) -> str:

@@ -110,5 +110,5 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="decode", needs=("tokenizer", "train"), section=_section, version=2, run=run,
-              input_context="inference",
+              input_context="inference", main_input="train",
               params=lambda cfg: as_dict(cfg.decode))

@@ -103,5 +103,5 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="evaluate", needs=("tokenizer", "prepare", "train"), section=_section, version=2, run=run,
-              input_context="evaluation",
+              input_context="evaluation", main_input="prepare",
               params=lambda cfg: as_dict(cfg.evaluate))

@@ -118,5 +118,5 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=1, run=run, resumable=True,
-              input_context="training",
+              input_context="training", main_input="prepare",
               params=lambda cfg: {"model": as_dict(cfg.model), "train": as_dict(cfg.train)})
