@@ -129,6 +129,24 @@ def test_the_train_run_has_system_metrics(quiet_run):
     assert client.get_metric_history(train.info.run_id, "system/system_memory_usage_percentage")[0].value > 0
 
 
+def test_a_failing_stage_names_its_log_before_the_one_line_error(ray_local, corpus_dir, tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    from pipeline import cli
+
+    given = tmp_path / "tokenizer.json"
+    Tokenizer(models.BPE()).save(str(given))  # no end-of-text token: the tokenizer stage refuses it when it runs
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(corpus_dir, tmp_path / "store", tokenizer={"path": str(given)},
+                                              tracking={"enabled": False})))
+    assert cli.main(["run", str(config), "--only", "tokenizer"]) == 2
+    out, err = capsys.readouterr()
+    (failed,) = [line for line in out.splitlines() if line.startswith("[tokenizer] failed after ")]
+    log = Path(re.fullmatch(r"\[tokenizer\] failed after \d+\.\ds \(log: (.+)\)", failed).group(1))
+    assert log.name == "tokenizer.log" and log.parent.parent == tmp_path / "store" / "_logs" and log.is_file()
+    assert err.count("\n") == 1 and err.startswith(f"llmpipe: error: tokenizer.eos_token '<|endoftext|>' is not a token of {given}")
+
+
 def test_verbose_shows_the_library_output_and_writes_no_logs(quiet_run):
     before = set((quiet_run["root"] / "store" / "_logs").iterdir())
     proc = _llmpipe(quiet_run, "--force", "train", "-v")

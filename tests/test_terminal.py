@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 
 import pytest
@@ -56,6 +57,7 @@ def test_a_failing_stage_keeps_its_log_path_and_the_terminal_comes_back(tmp_path
         raise RuntimeError("boom")
     assert out.failed_log == tmp_path / "logs" / "prepare.log"
     assert "a traceback Ray printed" in out.failed_log.read_text()
+    assert re.fullmatch(rf"\[prepare\] failed after \d+\.\ds \(log: {tmp_path}/logs/prepare.log\)\n", term.getvalue())
     print("after the run")  # stdout is the process's own again
     assert capfd.readouterr().out == "after the run\n"
 
