@@ -29,7 +29,7 @@ from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import ConfigError, TargetError, user_cause
-from pipeline.runlogs import latest_log_folder, log_folder
+from pipeline.runlogs import latest_log_folder, log_folders
 from pipeline.terminal import Output
 from tokenization.bpe import EOS
 
@@ -207,15 +207,13 @@ def _workflow(args: argparse.Namespace) -> int:
     items = plan(cfg, store, STAGES, only=args.only, from_stage=args.from_stage, force=args.force)
     # Library output (Ray, DeepSpeed, MLflow) goes to a log file per stage, unless -v asks for it here.
     quiet = not (args.verbose or args.dry_run)
-    log_dir = log_folder(store.base if store.is_local else store.uri, is_local=store.is_local) if quiet else None
+    log_dir = log_folders(store.base if store.is_local else store.uri, is_local=store.is_local) if quiet else None
     with Output(log_dir=log_dir) as out:
         out.line(f"plan for {cfg.name} (store {store.uri}):")
         for it in items:
             out.line("  " + it.describe())
         if args.dry_run:
             return 0
-        if log_dir:
-            out.line(f"logs: {log_dir} (Ray, DeepSpeed and MLflow output, a file per stage; -v shows it here)")
         if not any(it.run for it in items):
             out.line("nothing to run: every stage is cached")
         manifests = execute(cfg, items, STAGES, output=out)

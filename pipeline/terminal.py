@@ -35,29 +35,35 @@ class Progress:
 
 
 class Output:
-    """The terminal of one invocation: `line()` for the pipeline's lines, `stage()` around each stage."""
+    """The terminal of one invocation: `line()` for the pipeline's lines, `stage()` around each stage.
 
-    def __init__(self, terminal: TextIO | None = None, *, log_dir: Path | None = None, live: bool | None = None,
-                 progress_every_s: float = 30.0, echo: Callable[[str], None] | None = None):
-        self.log_dir, self.failed_log = log_dir, None
+    With `log_dir` (a folder, or candidates in order), library output is captured into it from `capture_logs()`
+    (which the engine calls at its first write into the store, and `stage()` in any case) until the end."""
+
+    def __init__(self, terminal: TextIO | None = None, *, log_dir: Path | list[Path] | None = None,
+                 live: bool | None = None, progress_every_s: float = 30.0, echo: Callable[[str], None] | None = None):
+        self.failed_log: Path | None = None
         self._terminal, self._live, self._every, self._echo = terminal, live, progress_every_s, echo
-        self._capture = LogCapture(log_dir) if log_dir else None
+        candidates = [log_dir] if isinstance(log_dir, (str, Path)) else log_dir
+        self._capture = LogCapture(candidates) if candidates else None
         self._display: _Plain | _Live | None = None
         self._warnings: logging.Handler | None = None
 
+    @property
+    def log_dir(self) -> Path | None:
+        """The folder the library output goes to, once capturing began."""
+        return self._capture.folder if self._capture else None
+
     def __enter__(self) -> Output:  # noqa: PYI034 - never subclassed, and typing.Self needs Python 3.11
-        stream = self._capture.start(self._terminal) if self._capture else (self._terminal or sys.stdout)
+        stream = self._capture.keep_terminal(self._terminal) if self._capture else (self._terminal or sys.stdout)
         # A live display only where nothing else writes to the terminal: with -v, library lines would tear it.
         live = self._live if self._live is not None else bool(self._capture) and _isatty(stream)
         try:
             self._display = _Live(stream) if live and self._echo is None else _Plain(stream, self._every, self._echo)
         except BaseException:
             if self._capture:
-                self._capture.stop()  # never leave the process writing into a log file
+                self._capture.stop()
             raise
-        if self._capture:  # the pipeline's warnings (an MLflow outage report) must not vanish into a log
-            self._warnings = _ToDisplay(self._display)
-            logging.getLogger("pipeline").addHandler(self._warnings)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -66,7 +72,16 @@ class Output:
         if self._display:
             self._display.close()
         if self._capture:
-            self._capture.stop()
+            self._capture.stop()  # never leave the process writing into a log file
+
+    def capture_logs(self) -> None:
+        """Start capturing library output (once; nothing without `log_dir`), and say where it goes."""
+        if self._capture is None or self._capture.folder is not None:
+            return
+        folder = self._capture.begin()
+        self._warnings = _ToDisplay(self._display)  # the pipeline's warnings (an MLflow outage report) stay here
+        logging.getLogger("pipeline").addHandler(self._warnings)
+        self.line(f"logs: {folder} (Ray, DeepSpeed and MLflow output, a file per stage; -v shows it here)")
 
     def line(self, text: str) -> None:
         assert self._display is not None, "Output is used as a context manager"
@@ -77,6 +92,7 @@ class Output:
         """Library output into `<name>.log` and a live progress while the stage runs; if it fails, a line
         `[name] failed after 12.3s (log: <its log>)`, which comes before the error itself (the CLI's last line)."""
         assert self._display is not None, "Output is used as a context manager"
+        self.capture_logs()
         log = self._capture.switch(name) if self._capture else None
         progress, t0 = self._display.progress(name), time.time()
         try:

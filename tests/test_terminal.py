@@ -33,13 +33,17 @@ def test_library_output_goes_to_one_log_per_stage_and_only_our_lines_to_the_term
     term = io.StringIO()
     with Output(term, log_dir=tmp_path / "logs") as out:
         out.line("plan for tiny (store x):")
+        assert out.log_dir is None and not (tmp_path / "logs").exists()  # nothing written before the engine starts
+        out.capture_logs()
         _library_chatter("setup")
         with out.stage("train") as progress:
             _library_chatter("train")
             progress.update(done=1, total=6, status="step 1/6 loss 5.68")
         out.line("[train] committed in 1.0s")
-    assert term.getvalue().splitlines() == ["plan for tiny (store x):", "[train] step 1/6 loss 5.68",
-                                            "[train] committed in 1.0s"]
+    assert term.getvalue().splitlines() == [
+        "plan for tiny (store x):",
+        f"logs: {tmp_path / 'logs'} (Ray, DeepSpeed and MLflow output, a file per stage; -v shows it here)",
+        "[train] step 1/6 loss 5.68", "[train] committed in 1.0s"]
     train_log = (tmp_path / "logs" / "train.log").read_text()
     run_log = (tmp_path / "logs" / "run.log").read_text()
     for what in ("C-level stdout", "C-level stderr", "python stdout", "python stderr", "a library log record"):
@@ -50,14 +54,14 @@ def test_library_output_goes_to_one_log_per_stage_and_only_our_lines_to_the_term
     assert out.failed_log is None
 
 
-def test_a_failing_stage_keeps_its_log_path_and_the_terminal_comes_back(tmp_path, capfd):
+def test_a_failing_stage_names_its_log_and_the_terminal_comes_back(tmp_path, capfd):
     term = io.StringIO()
     with pytest.raises(RuntimeError), Output(term, log_dir=tmp_path / "logs") as out, out.stage("prepare"):
         print("a traceback Ray printed")
         raise RuntimeError("boom")
     assert out.failed_log == tmp_path / "logs" / "prepare.log"
     assert "a traceback Ray printed" in out.failed_log.read_text()
-    assert re.fullmatch(rf"\[prepare\] failed after \d+\.\ds \(log: {tmp_path}/logs/prepare.log\)\n", term.getvalue())
+    assert re.search(rf"^\[prepare\] failed after \d+\.\ds \(log: {tmp_path}/logs/prepare.log\)$", term.getvalue(), re.M)
     print("after the run")  # stdout is the process's own again
     assert capfd.readouterr().out == "after the run\n"
 
@@ -66,7 +70,7 @@ def test_pipeline_warnings_during_a_run_stay_on_the_terminal(tmp_path):
     term = io.StringIO()
     with Output(term, log_dir=tmp_path / "logs") as out, out.stage("train"):
         logging.getLogger("pipeline.tracking.outbox").warning("MLflow at http://x did not record: run 1: its end status")
-    assert term.getvalue() == "llmpipe: warning: MLflow at http://x did not record: run 1: its end status\n"
+    assert term.getvalue().splitlines()[-1] == "llmpipe: warning: MLflow at http://x did not record: run 1: its end status"
 
 
 def test_verbose_leaves_library_output_where_it_was_and_writes_no_logs(tmp_path, capfd):

@@ -68,6 +68,7 @@ def services(cfg: Config, items: list[PlanItem], out: Output) -> Iterator[Servic
     # An unreachable tracking server fails here, before anything is written or Ray starts; a local store (SQLite,
     # files) is opened only after the cluster check, which refuses it on a multi-node cluster before it is created.
     tracker = None if uri and is_local_tracking_uri(uri) else _tracker(cfg)
+    out.capture_logs()  # library output into the run's log folder from here on: the first write into the store
     locks = StageLocks(store, out.line)  # one builder per stage folder across invocations (see pipeline.engine.locks)
     ray = RayRuntime()
     try:
