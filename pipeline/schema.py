@@ -260,25 +260,20 @@ class Config(_Section):
 
 
 
-def section_fields(section_type: type) -> dict[str, tuple[bool, str | None]]:
-    """name -> (changes the output, description) for a pydantic section or a dataclass section."""
+def changes_output(section_type: type) -> dict[str, bool]:
+    """name -> whether the field can change a stage's output, for a pydantic section or a dataclass section."""
     if dataclasses.is_dataclass(section_type):
-        from pipeline.config_reference import attribute_docs
-
-        docs = attribute_docs(section_type)
-        return {f.name: (f.metadata.get("fingerprint", True), docs.get(f.name)) for f in dataclasses.fields(section_type)}
-    out = {}
-    for name, field in section_type.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        out[name] = (extra.get("fingerprint", True), field.description)
-    return out
+        return {f.name: f.metadata.get("fingerprint", True) for f in dataclasses.fields(section_type)}
+    extras = {name: f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+              for name, f in section_type.model_fields.items()}
+    return {name: extra.get("fingerprint", True) for name, extra in extras.items()}
 
 
 def fingerprint_view(section: Any) -> dict[str, Any]:
     """The fields of a section that change the output (fingerprint=False ones dropped)."""
     out: dict[str, Any] = {}
-    for name, (changes_output, _) in section_fields(type(section)).items():
-        if changes_output:
+    for name, changes in changes_output(type(section)).items():
+        if changes:
             value = getattr(section, name)
             is_section = isinstance(value, BaseModel) or dataclasses.is_dataclass(value)
             out[name] = fingerprint_view(value) if is_section else _plain(value)
