@@ -268,6 +268,8 @@ def test_a_submitted_pipeline_on_s3_spreads_over_nodes_tracks_to_the_server_and_
     train = next(r for r in children if r.data.tags["stage"] == "train")
     steps = [m.step for m in mlflow.get_metric_history(train.info.run_id, "train/loss")]
     assert max(steps) == 40
+    # resumed from the checkpoint in S3, not from step 0: the steps up to the first checkpoint were trained once
+    assert all(steps.count(s) == 1 for s in range(1, 11)), sorted(steps)
 
     status = subprocess.run([sys.executable, "-m", "pipeline", "status", "--job", job, "--address", cluster.dashboard],
                             capture_output=True, text=True, timeout=60)
