@@ -202,9 +202,17 @@ class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log runs to MLflow (MLFLOW_TRACKING_URI, else MLflow's local default).")
     experiment: str | None = Field(None, description="MLflow experiment (default: the config name).")
 
+    @field_validator("experiment")
+    @classmethod
+    def _stays_in_the_store(cls, value: str | None) -> str | None:
+        # It also names the store's <root>/_runs/<experiment>.json; '/' may stay (MLflow names use it), '..' may not.
+        if value is not None and ({"..", "."} & set(value.replace("\\", "/").split("/")) or "\x00" in value):
+            raise ValueError(f"{value!r} must not hold a '..' or '.' path component (it names a file in the store)")
+        return value
+
 
 class Config(_Section):
-    name: str = Field(..., min_length=1, description="Experiment name; also the MLflow experiment.")
+    name: str = Field(..., min_length=1, description="Experiment name, one folder name (the store keeps `_runs/<name>.json`); also the MLflow experiment.")
     store: StoreConfig = Field(default_factory=StoreConfig)
     data: DataConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -214,6 +222,14 @@ class Config(_Section):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, value: str) -> str:
+        # The name is a path under the store root (<root>/_runs/<name>.json): it must not reach out of it.
+        if value in (".", "..") or any(c in value for c in "/\\\x00"):
+            raise ValueError(f"{value!r} must be one folder name (no '/', '\\', NUL, '.' or '..'): it names a file in the store")
+        return value
 
     @field_validator("model", mode="before")
     @classmethod

@@ -71,6 +71,23 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _package_files(spec: str) -> list[str]:
+    """The files `pkg://PACKAGE/glob` names, all inside the package's folder: a glob that climbs out of it ('..',
+    an absolute path) is refused before anything is listed, and so is a match that resolves outside (a symlink)."""
+    name, _, rest = spec[len("pkg://"):].partition("/")
+    outside = InputError(f"data.inputs: {spec!r} reaches outside the package {name!r}")
+    if not all(part.isidentifier() for part in name.split(".")):  # '..' would be a relative import
+        raise InputError(f"data.inputs: {spec!r}: {name!r} is not a package name")
+    rest = os.path.normpath(rest) if rest else "."
+    if rest == ".." or rest.startswith(("/", "../")):
+        raise outside
+    root = _package_dir(name).resolve()
+    matches = _local_files(str(root / rest))
+    if any(not Path(m).is_relative_to(root) for m in matches):  # _local_files resolves links
+        raise outside
+    return matches
+
+
 def _local_files(pattern: str) -> list[str]:
     p = Path(pattern).expanduser()
     if p.is_file():
@@ -113,8 +130,7 @@ def resolve_inputs(specs: list[str]) -> list[InputFile]:
             files = _remote_files(spec)
         else:
             if spec.startswith("pkg://"):
-                name, _, rest = spec[len("pkg://"):].partition("/")
-                matches = _local_files(str(_package_dir(name) / rest) if rest else str(_package_dir(name)))
+                matches = _package_files(spec)
             else:
                 matches = _local_files(spec.removeprefix("file://"))
             files = []

@@ -62,7 +62,7 @@ def services(cfg: Config, items: list[PlanItem], echo: Echo) -> Iterator[Service
     try:
         if any(it.run and it.stage.uses_ray for it in items):  # before any work: can every node share store and tracking?
             ray.ensure()
-            preflight(cfg, store, uri)
+            preflight(cfg, store, uri, inputs=any(it.run and it.stage.reads_inputs for it in items))
         commit, job = git_commit(), submission_id()
         tags = {"llmpipe.config": cfg.name, **({"mlflow.source.git.commit": commit} if commit else {}),
                 **({"ray.job_submission_id": job} if job else {})}

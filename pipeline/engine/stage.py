@@ -55,6 +55,7 @@ class Stage:
     run: Callable[[StageContext], dict[str, float]]
     resumable: bool = False  # keep a partial folder (training resumes from its checkpoints)
     uses_ray: bool = True
+    reads_inputs: bool = False  # reads data.inputs on Ray nodes: the cluster pre-flight checks every node sees them
     params: Callable[[Config], dict[str, Any]] | None = None  # logged to MLflow (default: section)
 
 

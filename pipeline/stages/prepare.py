@@ -133,5 +133,5 @@ def _plot_lengths(path: Path, hist: np.ndarray) -> None:
     img.save(path, format="PNG")
 
 
-STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=3, run=run,
+STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=3, run=run, reads_inputs=True,
               params=lambda cfg: as_dict(cfg.data))

@@ -63,5 +63,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="tokenizer", needs=(), section=_section, version=2, run=run,
+STAGE = Stage(name="tokenizer", needs=(), section=_section, version=2, run=run, reads_inputs=True,
               params=lambda cfg: {"tokenizer": cfg.tokenizer.model_dump(mode="json"), "inputs": cfg.data.inputs})
