@@ -1,12 +1,13 @@
 """Readers, documents and the shard plan: every format (with or without a byte order mark, every format of a
 folder read), every bad-input case, byte-range splitting of JSONL and Parquet, s3:// inputs with filesystem
-options."""
+options, and the tokenizer's sample, which reads only the parts of files it draws."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+import random
 import unicodedata
 from collections import Counter
 
@@ -37,6 +38,7 @@ from tokenization.inputs import (
     split_file,
 )
 from tokenization.readers import BOM, SkipLog, iter_documents, read_range
+from tokenization.sample import BLOCK, sample_parts
 
 
 def _jsonl(path, rows):
@@ -310,3 +312,42 @@ def test_s3_inputs_keep_their_filesystem_options(tmp_path, monkeypatch):
     finally:
         server.stop()
 
+
+def _letters(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ["the", "king", "queen", "fool", "castle", "sea", "night", "day", "letter", "song", "horse", "lord", "fire"]
+    return [json.dumps({"text": f"Letter {i}: " + " ".join(rng.choice(words) for _ in range(30))}) for i in range(n)]
+
+
+def test_the_tokenizer_sample_reads_only_the_parts_it_draws(tmp_path):
+    from tokenization.bpe import build_tokenizer
+
+    lines = _letters(40_000)
+    path = tmp_path / "letters.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    (f,) = resolve_inputs([str(path)])
+    budget = f.size // 4
+    rate, parts = sample_parts([f], budget)
+    drawn = [p for p, _ in parts]
+    assert 0 < len(drawn) < len(split_file(f, BLOCK)) and rate < 0.5
+    # every line starting outside the drawn blocks becomes malformed (same size, so the same draw): under
+    # on_error=raise, reading one of them would fail
+    data, out, pos = path.read_bytes(), [], 0
+    for line in data.splitlines(keepends=True):
+        out.append(line if any(p.start <= pos < p.end for p in drawn) else b"{" + b"x" * (len(line) - 2) + b"\n")
+        pos += len(line)
+    path.write_bytes(b"".join(out))
+    (f,) = resolve_inputs([str(path)])
+    opts = DocOptions(on_error="raise")
+    metrics = build_tokenizer([f], opts=opts, vocab_size=300, min_frequency=2, max_train_bytes=budget,
+                              special_tokens=["<|endoftext|>"], out_dir=str(tmp_path))
+    assert 0 < metrics["train_bytes"] <= budget and metrics["sample_rate"] == rate
+
+    packed = tmp_path / "letters.jsonl.gz"  # a compressed file: its start is read, never the damaged end
+    gz = gzip.compress(("\n".join(_letters(60_000, seed=1)) + "\n").encode(), mtime=0)
+    packed.write_bytes(gz[: len(gz) - 1000])
+    (g,) = resolve_inputs([str(packed)])
+    assert g.size > BLOCK
+    metrics = build_tokenizer([g], opts=opts, vocab_size=300, min_frequency=2, max_train_bytes=200_000,
+                              special_tokens=["<|endoftext|>"], out_dir=str(tmp_path))
+    assert 0 < metrics["train_bytes"] <= 200_000
