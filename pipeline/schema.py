@@ -60,7 +60,7 @@ class DataConfig(DocOptions):
     """The `data` section: the corpus, how documents are cleaned (`DocOptions`) and how they are sharded."""
 
     inputs: list[str]
-    """Files, directories or globs: local paths, pyarrow.fs URIs (s3://, gs://, hdfs://) or pkg://PACKAGE/glob (data a package ships). .txt/.md files are one document each; .jsonl, .jsonl.gz and .parquet hold one per record."""
+    """Files, directories or globs: local paths, pyarrow.fs URIs (s3://, gs://, hdfs://; filesystem options as a query, e.g. ?endpoint_override=host:9000&scheme=http) or pkg://PACKAGE/glob (data a package ships). .txt/.md files are one document each; .jsonl, .jsonl.gz, .jsonl.zst, .json (an array of records or strings) and .parquet hold one per record; a UTF-8 BOM is dropped. A folder is read for every one of these; other files in it are named in a warning. Files are identified by content and by their path relative to the entry (package-relative for pkg://), so a copied corpus is the same input."""
     val_fraction: float = 0.05
     """Fraction of documents (by content hash) held out for validation."""
     shard_size_mb: float = 64.0
