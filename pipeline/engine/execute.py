@@ -89,7 +89,7 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ec
                     manifests[it.stage.name] = _replay_cached(cfg, it, sv)
                     continue
                 child = sv.tracker.start_child(it.stage.name, _params(cfg, it), {**_tags(it, sv), "cache": "miss"})
-                manifests[it.stage.name] = _run_stage(cfg, it, child, manifests, sv)
+                manifests[it.stage.name] = _run_stage(cfg, it, child, sv)
                 child = ""
             sv.tracker.end(parent)
         except BaseException as e:
@@ -122,26 +122,29 @@ def _replay_cached(cfg: Config, it: PlanItem, sv: Services) -> dict[str, Any]:
     return m
 
 
-def _upstreams(it: PlanItem, manifests: dict[str, dict[str, Any]], store: ArtifactStore) -> dict[str, Upstream]:
+def _upstreams(it: PlanItem, store: ArtifactStore) -> dict[str, Upstream]:
+    """The committed upstreams, each pinned to the commit read here (leased locally, for this driver's life): every
+    task of the stage reads those files even if another invocation rebuilds an upstream meanwhile."""
     inputs = {}
     for n, up in it.upstream.items():
-        m = manifests.get(n) or store.manifest(n, up)
-        if m is None:
+        commit = store.open(n, up)
+        if commit is None:
             raise WorkflowError(f"{it.stage.name}: upstream {n} ({up[:16]}) is not committed")
-        inputs[n] = Upstream(n, up, store.ref(n, up), m)
+        inputs[n] = Upstream(n, up, store.ref(n, up, commit), commit.manifest)
     return inputs
 
 
-def _run_stage(cfg: Config, it: PlanItem, child: str, manifests: dict[str, dict[str, Any]], sv: Services) -> dict[str, Any]:
+def _run_stage(cfg: Config, it: PlanItem, child: str, sv: Services) -> dict[str, Any]:
     """Build one stage in its working folder and commit it (`_COMPLETE.json` last); returns its manifest."""
     s, store = it.stage, sv.store
     if s.uses_ray:
         sv.ray.ensure()
-    inputs = _upstreams(it, manifests, store)
+    inputs = _upstreams(it, store)
+    # a forced rebuild of a committed folder writes a new generation beside it (see pipeline.engine.generations)
     workdir = store.working_dir(s.name, it.fingerprint, keep_partial=s.resumable and not it.forced)
     uri = store.stage_uri(s.name, it.fingerprint)
-    ctx = StageContext(cfg, s.name, it.fingerprint, it.section, workdir, uri, inputs, sv.tracker, child,
-                       store.ref(s.name, it.fingerprint))
+    ctx = StageContext(cfg, s.name, it.fingerprint, it.section, workdir, store.output_uri(s.name, it.fingerprint, workdir),
+                       inputs, sv.tracker, child, store.output_ref(s.name, it.fingerprint, workdir))
     sv.echo(f"[{s.name}] running {it.fingerprint[:16]} -> {uri}")
     t0 = time.time()
     faults.maybe_fail("stage", s.name)  # drills and tests: LLMPIPE_FAULTS=stage:<name>:pause|exit|raise

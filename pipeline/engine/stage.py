@@ -39,7 +39,7 @@ class StageContext:
     fingerprint: str
     section: dict[str, Any]
     out_dir: Path  # where the stage writes (local)
-    out_uri: str  # the stage folder in the store (a URI for remote stores)
+    out_uri: str  # where its files go in the store: its new generation (local stores) or the stage folder's URI
     inputs: dict[str, Upstream]
     tracker: Any
     run_id: str
