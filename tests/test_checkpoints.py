@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.stages.train.checkpoints import (
     MARKER,
     STATE,
@@ -55,3 +56,17 @@ def test_resuming_with_another_worker_count_is_refused_before_launch_saying_whic
     check_resume_layout(tmp_path / "fresh", 3)  # nothing to resume: fine
     with pytest.raises(ValueError, match=r"written by 2 workers and this run asks for 3; resume with train.num_workers=2"):
         check_resume_layout(tmp_path, 3)
+
+
+def test_resuming_a_checkpoint_of_another_precision_or_device_is_refused_before_launch_naming_both(tmp_path):
+    from pipeline.stages.train.checkpoints import check_resume_layout
+
+    d = _ckpt(tmp_path, 3)
+    (d / STATE).write_text(json.dumps({"step": 3, "world_size": 1, "precision": "fp32", "device": "cpu"}))
+    write_checkpoint_marker(d)
+    check_resume_layout(tmp_path, 1, precision="fp32", device="cpu")  # the same: fine
+    with pytest.raises(ConfigError) as e:
+        check_resume_layout(tmp_path, 1, precision="bf16", device="cuda")
+    msg = str(e.value)
+    assert "\n" not in msg and str(d) in msg
+    assert "written in fp32 on cpu and this run resolves bf16 on cuda" in msg and "--force train" in msg

@@ -35,8 +35,7 @@ class Checkpoints:
         registered = self._registered()
         folders = sorted(Path(self.local_dir).glob("step_*"), reverse=True) if self.local_dir and Path(self.local_dir).is_dir() else []
         if registered is not None and registered not in folders:
-            folders = [registered]  # remote storage: Ray's registration is what we have
-            return registered if (registered / STATE).is_file() else None
+            return registered if (registered / STATE).is_file() else None  # remote storage: Ray's registration is what we have
         damaged = []
         for folder in folders:
             if verify_checkpoint(folder):
@@ -94,20 +93,33 @@ def verify_checkpoint(folder: Path) -> bool:
     return any(f["path"] == STATE for f in listing)
 
 
-def check_resume_layout(local_dir: str | Path, num_workers: int) -> None:
-    """Before launch: a stage folder whose newest verified checkpoint was written by another number of
-    workers cannot resume (ZeRO shards are per worker), so say which count to use."""
+def check_resume_layout(local_dir: str | Path, num_workers: int, *, precision: str | None = None,
+                        device: str | None = None) -> None:
+    """Before launch: a stage folder whose newest verified checkpoint was written by another number of workers,
+    in another precision or on another device kind cannot resume, so say what differs."""
     folders = sorted(Path(local_dir).glob("step_*"), reverse=True) if Path(local_dir).is_dir() else []
     for folder in folders:
         if verify_checkpoint(folder):
-            check_same_layout(json.loads((folder / STATE).read_text()), num_workers, folder)
+            state = json.loads((folder / STATE).read_text())
+            check_same_layout(state, num_workers, folder)
+            if precision is not None and device is not None:
+                check_same_hardware(state, precision, device, folder)
             return
 
 
-def check_same_layout(state: dict, num_workers: int, where: Path) -> None:
+def check_same_layout(state: dict, num_workers: int, where: Path | str) -> None:
     """ZeRO shards are per worker: a checkpoint resumes only with the worker count that wrote it."""
     written_by = state.get("world_size", num_workers)
     if written_by != num_workers:
         raise ConfigError(f"train: {where} was written by {written_by} workers and this run asks for {num_workers}; "
                          f"resume with train.num_workers={written_by} (ZeRO shards are per worker), "
                          f"or use --force train to start over")
+
+
+def check_same_hardware(state: dict, precision: str, device: str, where: Path | str) -> None:
+    """Optimizer states and the model's numerics belong to one precision and device kind: no resume across them."""
+    was = (state.get("precision", precision), state.get("device", device))
+    if was != (precision, device):
+        raise ConfigError(f"train: {where} was written in {was[0]} on {was[1]} and this run resolves {precision} on "
+                          f"{device}; a checkpoint resumes only in the precision and on the device kind that wrote it "
+                          "(set train.precision / resources.train.num_gpus to match, or use --force train to start over)")

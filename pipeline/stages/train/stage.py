@@ -9,6 +9,13 @@ crash restores the newest one (the folder is kept because the stage is
 resumable). The final checkpoint carries the consolidated `model.safetensors` +
 `model.json`, copied to the top of the stage folder with the tokenizer, which
 is all `evaluate` and `decode` need.
+
+The fingerprint section holds the model and the `train` fields that change the
+weights, with `train.precision` replaced by what it resolves to and the device
+kind beside it (`hardware` says how they are resolved on the driver, before Ray
+starts), so a model trained in fp32 on CPUs is never reused for a bf16 GPU run.
+`train.num_workers` stays out: the workers see the same samples and schedule,
+and the result is equal up to floating-point reduction order.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from typing import Any
 from pipeline import faults
 from pipeline.cluster.resources import train_scaling
 from pipeline.engine.stage import Stage, StageContext
-from pipeline.errors import TrainingError, UserError, user_cause
+from pipeline.errors import ConfigError, TrainingError, UserError, user_cause
 from pipeline.schema import Config, as_dict, fingerprint_view
 from pipeline.stages.train.checkpoints import check_resume_layout
+from pipeline.stages.train.hardware import TrainHardware, resolve_hardware
 from pipeline.stages.train.init_from import (
     check_init_compatible,
     init_config,
@@ -36,11 +44,24 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
     return {**cfg.model.model_config_fields(), "vocab_size": vocab_size}
 
 
-def _section(cfg: Config) -> dict[str, Any]:
-    train = fingerprint_view(cfg.train)
+def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
+    """What changes the weights: the model, the train fields, and the precision and device kind they train in."""
+    train = {**fingerprint_view(cfg.train), "precision": hw.precision, "device": hw.device}
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
     return {"model": fingerprint_view(cfg.model), "train": train}
+
+
+def _section(cfg: Config) -> dict[str, Any]:
+    return section_for(cfg, resolve_hardware(cfg))
+
+
+def _check_device(ctx: StageContext, use_gpu: bool) -> None:
+    """The plan fingerprinted a device kind; with Ray up, make sure the workers really get it."""
+    planned = ctx.section["train"]["device"]
+    if planned != ("cuda" if use_gpu else "cpu"):
+        raise ConfigError(f"train: the plan resolved the workers' device as {planned} (in the fingerprint) but Ray "
+                          f"gives them {'GPUs' if use_gpu else 'no GPU'}; set resources.train.num_gpus explicitly")
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -52,14 +73,16 @@ def run(ctx: StageContext) -> dict[str, float]:
     tok = ctx.inputs["tokenizer"]
     vocab = int(tok.manifest["metrics"]["vocab_size"])
     scaling = train_scaling(cfg.resources.train, t.num_workers)
+    hw = ctx.section["train"]
+    _check_device(ctx, scaling["use_gpu"])
     store = ctx.output.store()
     if t.init_from:  # refuse a mismatched architecture before launching anything
         check_init_compatible(init_config(t.init_from), model_dict(cfg, vocab), t.init_from)
-    if "://" not in ctx.out_uri:  # a kept folder (resume): same worker count as its checkpoints, before launch
-        check_resume_layout(f"{ctx.out_uri}/ray_train", t.num_workers)
+    if "://" not in ctx.out_uri:  # a kept folder (resume): same layout, precision and device as its checkpoints
+        check_resume_layout(f"{ctx.out_uri}/ray_train", t.num_workers, precision=hw["precision"], device=hw["device"])
     worker_config = {
         "model": model_dict(cfg, vocab),
-        "train": t.model_dump(mode="json"),
+        "train": {**t.model_dump(mode="json"), "precision": hw["precision"], "device": hw["device"]},
         "seq_len": cfg.train_seq_len,
         "train_shards": [],  # each worker opens the prepared data on its own node
         "prepare": asdict(ctx.inputs["prepare"].ref),
@@ -106,5 +129,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     return {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}
 
 
-STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=1, run=run, resumable=True,
+STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=2, run=run, resumable=True,
               params=lambda cfg: {"model": as_dict(cfg.model), "train": as_dict(cfg.train)})

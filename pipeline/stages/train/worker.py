@@ -7,7 +7,8 @@ from the memory-mapped shards by a pure function of the step, and checkpoints
 through DeepSpeed's save/load. Under Ray each rank's checkpoint files are
 reported with `ray.train.report`, which merges them into one folder in the run's
 storage and restores the newest on a worker-group restart or a rerun; without
-Ray they go to a local folder.
+Ray they go to a local folder. The precision and device kind come resolved from
+the driver (a direct call may still say `auto`); the worker checks it got them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_
 from pipeline import faults
 from pipeline.engine.store import StageRef
 from pipeline.errors import TrainingError
-from pipeline.stages.train.checkpoints import STATE, Checkpoints, check_same_layout
+from pipeline.stages.train.checkpoints import (
+    STATE,
+    Checkpoints,
+    check_same_hardware,
+    check_same_layout,
+)
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
 from pipeline.stages.train.metrics import peak_flops, progress_line, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
@@ -101,13 +107,21 @@ def _device_and_group() -> tuple[torch.device, bool]:
     return device, False
 
 
-def _build(cfg: WorkerConfig, device: torch.device, world: int) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
+def _hardware(t: dict[str, Any], device: torch.device) -> dict[str, str]:
+    """The precision and device kind this worker trains in: the driver's resolution, which it must have got."""
+    if t.get("device", device.type) != device.type:
+        raise TrainingError(f"train: the driver resolved device {t['device']} (it is in the fingerprint) but this worker "
+                            f"got {device}; set resources.train.num_gpus explicitly")
+    on_gpu = device.type == "cuda"
+    precision = resolve_precision(t["precision"], on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+    return {"precision": precision, "device": device.type}
+
+
+def _build(cfg: WorkerConfig, device: torch.device, world: int, precision: str) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
     """Model (from init_from weights if given), AdamW and the DeepSpeed engine."""
     import deepspeed
 
     t = cfg.train
-    on_gpu = device.type == "cuda"
-    precision = resolve_precision(t["precision"], on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
     torch.manual_seed(t["seed"])
     model = GPT(ModelConfig(**cfg.model))
     if t.get("init_from"):
@@ -121,13 +135,13 @@ def _build(cfg: WorkerConfig, device: torch.device, world: int) -> tuple[Any, to
     return engine, optimizer, ds_config
 
 
-def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int) -> int:
+def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int, hw: dict[str, str]) -> int:
     """The step to start from: that of the newest registered checkpoint, else 0."""
     latest = checkpoints.latest()
     if latest is None:
         return 0
     state = json.loads((latest / STATE).read_text())
-    _check_compatible(state, cfg, latest)
+    _check_compatible(state, cfg, latest, hw)
     load_path, _ = engine.load_checkpoint(str(latest), tag=DS_TAG)
     # DeepSpeed treats a missing checkpoint as "start from scratch"; a run that has one must never do that.
     assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
@@ -158,10 +172,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     device, under_ray = _device_and_group()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     t = cfg.train
-    engine, optimizer, ds_config = _build(cfg, device, world)
+    hw = _hardware(t, device)
+    engine, optimizer, ds_config = _build(cfg, device, world, hw["precision"])
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     checkpoints = Checkpoints(under_ray, cfg.local_checkpoint_dir)
-    start_step = _resume(engine, checkpoints, cfg, rank)
+    start_step = _resume(engine, checkpoints, cfg, rank, hw)
     data = TokenWindows(cfg.train_shards, cfg.seq_len)
     val = TokenWindows(cfg.val_shards, cfg.seq_len) if t.get("eval_every") and cfg.val_shards else None
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
@@ -193,10 +208,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             if rank == 0:
                 print(progress_line(done, steps, last, time.perf_counter() - t_start, start_step), flush=True)
         if done % t["checkpoint_every"] == 0 or done == steps:
-            _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last)
+            _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last, hw=hw)
             faults.maybe_fail("train.step", done)
     if start_step >= steps:  # resumed from the final checkpoint: re-report it so the driver can read it
-        _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last)
+        _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last, hw=hw)
     logger.close()  # step points queued during a tracking outage: sent now, or reported as lost
     return {**last, **rates.summary()}
 
@@ -238,7 +253,7 @@ class _Rates:
 
 
 def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *, final: bool, rank: int,
-          metrics: dict[str, float]) -> None:
+          metrics: dict[str, float], hw: dict[str, str]) -> None:
     """Every rank writes its DeepSpeed shards; rank 0 adds the step state (and, at the end,
     the consolidated model); the report merges all ranks' files into one checkpoint folder."""
     tmp = Path(tempfile.mkdtemp(prefix=f"llmpipe-ckpt-r{rank}-"))
@@ -250,20 +265,22 @@ def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *
             if state_dict is not None:
                 save_model(tmp, state_dict, engine.module.config, step=step, **cfg.meta)
             (tmp / STATE).write_text(json.dumps({"step": step, "final": final, "metrics": metrics, "model": cfg.model,
-                                                 "world_size": torch.distributed.get_world_size(),
+                                                 "world_size": torch.distributed.get_world_size(), **hw,
                                                  "global_batch_size": cfg.train["global_batch_size"]}))
         checkpoints.report({**metrics, "step": step}, tmp, f"step_{step:08d}", rank)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: Path) -> None:
-    """Refuse to resume from a checkpoint of another model or data-parallel layout, naming both values."""
+def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: Path, hw: dict[str, str]) -> None:
+    """Refuse to resume from a checkpoint of another model, data-parallel layout, precision or device kind,
+    naming both values."""
     world = torch.distributed.get_world_size()
     if state.get("model", cfg.model) != cfg.model:
         diff = {k: (state["model"].get(k), v) for k, v in cfg.model.items() if state["model"].get(k) != v}
         raise TrainingError(f"train: checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
     check_same_layout(state, world, where)
+    check_same_hardware(state, hw["precision"], hw["device"], where)
 
 
 def _consolidated_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
