@@ -1,8 +1,12 @@
 """Training at scale on real Ray Train + DeepSpeed (2 CPU workers): exact resume after a killed
-worker, non-finite loss, fine-tuning from earlier weights, periodic validation."""
+worker (with and without dropout), a resume from the final checkpoint keeping the final metrics, non-finite loss,
+fine-tuning from earlier weights, periodic validation."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,8 +22,8 @@ pytestmark = pytest.mark.slow
 TRAIN = {"steps": 6, "checkpoint_every": 3, "log_every": 1, "max_failures": 0, "eval_every": 3, "eval_tokens": 512}
 
 
-def _config(tmp_path: Path, corpus: Path, name: str, **train) -> str:
-    raw = tiny_raw(corpus, tmp_path / f"store-{name}", train={**TRAIN, **train})
+def _config(tmp_path: Path, corpus: Path, name: str, model: dict | None = None, **train) -> str:
+    raw = tiny_raw(corpus, tmp_path / f"store-{name}", train={**TRAIN, **train}, model=model or {})
     raw["name"] = name  # one MLflow experiment per run, so histories do not mix
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(raw))
@@ -40,35 +44,45 @@ def _history(tracking_uri: str, experiment: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in c.get_metric_history(run.info.run_id, key)}
 
 
-@pytest.fixture(scope="module")
-def reference(corpus_dir, tmp_path_factory, ray_local):
+def _reference(corpus_dir: Path, tmp: Path, name: str, model: dict | None = None) -> dict:
     """An uninterrupted 6-step run (its own MLflow store)."""
-    import os
-
-    tmp = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        cfg = _config(tmp, corpus_dir, "reference")
+        cfg = _config(tmp, corpus_dir, name, model)
         assert cli.main(["run", cfg, "--only", "tokenizer"]) == 0
         assert cli.main(["run", cfg, "--only", "prepare"]) == 0
         assert cli.main(["run", cfg, "--only", "train"]) == 0
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)
-    return {"cfg": cfg, "uri": uri, "losses": _history(uri, "reference", "train/loss"),
-            "val": _history(uri, "reference", "train/val_loss"), "dir": _train_dir(cfg)}
+    return {"cfg": cfg, "uri": uri, "losses": _history(uri, name, "train/loss"),
+            "val": _history(uri, name, "train/val_loss"), "dir": _train_dir(cfg)}
 
 
-def test_a_killed_worker_resumes_exactly(reference, corpus_dir, tmp_path, tracking_uri, monkeypatch):
+@pytest.fixture(scope="module")
+def reference(corpus_dir, tmp_path_factory, ray_local):
+    return _reference(corpus_dir, tmp_path_factory.mktemp("reference"), "reference")
+
+
+@pytest.fixture(scope="module")
+def reference_dropout(corpus_dir, tmp_path_factory, ray_local):
+    return _reference(corpus_dir, tmp_path_factory.mktemp("reference-dropout"), "reference-dropout", {"dropout": 0.2})
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_a_killed_worker_resumes_exactly(dropout, request, corpus_dir, tmp_path, tracking_uri, monkeypatch):
+    """With dropout the masks come from each rank's RNG, which must be checkpointed and restored too."""
+    reference = request.getfixturevalue("reference_dropout" if dropout else "reference")
     assert sorted(reference["losses"]) == [1, 2, 3, 4, 5, 6]
     assert sorted(reference["val"]) == [3, 6] and reference["val"][6] < reference["val"][3]
     monkeypatch.setenv("LLMPIPE_FAULTS", "train.step:3:exit")  # a worker process dies right after step 3's checkpoint
     monkeypatch.setenv("LLMPIPE_FAULTS_DIR", str(tmp_path))
-    cfg = _config(tmp_path, corpus_dir, "killed", max_failures=1)
+    name = f"killed-{dropout}"
+    cfg = _config(tmp_path, corpus_dir, name, {"dropout": dropout}, max_failures=1)
     assert cli.main(["run", cfg]) == 0
     assert (tmp_path / "llmpipe-fault-train.step-3").exists()  # the worker really died
-    losses = _history(tracking_uri, "killed", "train/loss")
+    losses = _history(tracking_uri, name, "train/loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     for step, value in reference["losses"].items():
         assert abs(losses[step] - value) <= 1e-6, f"step {step}: {losses[step]} vs {value}"
@@ -102,3 +116,23 @@ def test_fine_tuning_starts_from_earlier_weights_and_refuses_another_architectur
     assert cli.main(["run", cfg, "model.d_model=64", "--only", "train"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "has another architecture (d_model: 32 there, 64 here;" in err
+
+
+def test_resuming_from_the_final_checkpoint_keeps_the_final_metrics(reference, tmp_path, tracking_uri, ray_local):
+    """A run killed after training finished but before the stage committed: the rerun resumes from the final
+    checkpoint, trains nothing, and must still commit the final loss and learning rate of the run that trained."""
+    raw = yaml.safe_load(Path(reference["cfg"]).read_text())
+    shutil.copytree(raw["store"]["root"], tmp_path / "store")
+    raw["store"]["root"] = str(tmp_path / "store")
+    cfg = tmp_path / "resumed.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    committed = json.loads((reference["dir"] / "_COMPLETE.json").read_text())["metrics"]
+    train_dir = tmp_path / "store" / "train" / reference["dir"].name
+    (train_dir / "_COMPLETE.json").unlink()  # killed between the final checkpoint and the commit
+
+    assert cli.main(["run", str(cfg)]) == 0  # not --only train: that forces a rebuild from scratch
+    metrics = json.loads((train_dir / "_COMPLETE.json").read_text())["metrics"]
+    assert committed["final_loss"] == reference["losses"][6]
+    assert metrics["final_loss"] == committed["final_loss"] and metrics["final_lr"] == committed["final_lr"]
+    state = json.loads((train_dir / "ray_train" / "step_00000006" / "train_state.json").read_text())
+    assert state["metrics"]["train/loss"] == reference["losses"][6]  # the re-saved final checkpoint keeps them too
