@@ -234,7 +234,7 @@ def test_a_tampered_newest_checkpoint_is_refused_on_resume_and_its_pickle_never_
                                      filter_string="tags.stage = 'train'"), key=lambda r: r.info.start_time)
     # it resumed from step 3 (the newest checkpoint that verifies), not from the planted one nor from scratch
     assert sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")) == [4, 5, 6]
-    warning = f"checkpoint {newest} does not verify against its _CHECKPOINT.json (incomplete or damaged); resuming from"
+    warning = f"checkpoint {newest} does not verify against its _CHECKPOINT.rank*.json (incomplete or damaged); resuming from"
     assert warning in ray_worker_output()
 
 

@@ -39,7 +39,7 @@ from pipeline.engine.stage import Stage
 from pipeline.engine.store import MARKER, ArtifactStore
 from pipeline.errors import StoreError
 from pipeline.stages import STAGES
-from pipeline.stages.train.checkpoints import MARKER as CKPT_MARKER
+from pipeline.stages.train.checkpoints import MARKERS as CKPT_MARKER
 from pipeline.stages.train.checkpoints import Checkpoints, verify_checkpoint
 from tests.conftest import tiny_raw
 from tests.test_checkpoints import _ckpt
@@ -130,7 +130,7 @@ def test_a_newest_checkpoint_cut_in_half_falls_back_to_the_previous_one_with_a_w
     _ckpt(tmp_path, 3)
     newest = _ckpt(tmp_path, 6)
     _cut_in_half(newest / "deepspeed" / "zero_pp_rank_0_optim_states.pt")
-    assert Checkpoints(under_ray=False, local_dir=str(tmp_path)).latest() == tmp_path / "step_00000003"
+    assert Checkpoints(str(tmp_path)).latest() == tmp_path / "step_00000003"
     assert capsys.readouterr().out == (f"WARNING: checkpoint {newest} does not verify against its {CKPT_MARKER} "
                                        f"(incomplete or damaged); resuming from {tmp_path / 'step_00000003'}\n")
 
