@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pipeline.engine.leases import NO_LOCKS
 from pipeline.engine.nodecache import private_dir, store_key
-from pipeline.engine.store import SHORT, ArtifactStore
+from pipeline.engine.store import SHORT, ArtifactStore, open_lock_file
 from pipeline.errors import StoreError
 
 
@@ -63,11 +63,7 @@ class StageLocks:
         """Take the stage's lock, waiting while another run holds it. True when the stage turned out
         committed by another run (the lock is then given back): the caller takes it as cached."""
         path = self.path(stage, fingerprint)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StoreError(f"cannot create lock file {path}: {e.strerror}") from None
+        fd = open_lock_file(path)
         try:
             waited = self._lock(fd, path, stage)
             os.ftruncate(fd, 0)

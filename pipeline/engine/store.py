@@ -71,6 +71,15 @@ class Commit:
     marker: bytes
 
 
+def open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file `path` (created with its folder), for `fcntl.flock`; one error line naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot create lock file {path}: {e.strerror}") from None
+
+
 class ArtifactStore:
     def __init__(self, root: str):
         self.uri = root
@@ -314,13 +323,8 @@ class ArtifactStore:
         if not self.is_local:
             return self._remember_remote(experiment, stage, fingerprint)
         path = self._runs_path(experiment)
-        lock = Path(self.base) / "_locks" / "runs" / f"{experiment}.lock"
         tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StoreError(f"cannot create lock file {lock}: {e.strerror}") from None
+        fd = open_lock_file(Path(self.base) / "_locks" / "runs" / f"{experiment}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # read-modify-write: two runs committing at once both keep their entry
             state = {**self.last_fingerprints(experiment), stage: fingerprint}
