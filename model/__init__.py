@@ -1,4 +1,4 @@
-"""Pure-PyTorch decoder-only transformer, KV-cache generation, safetensors model folders and Hugging Face export/import."""
+"""Pure PyTorch: the decoder-only transformer, KV-cache generation and sampling options, scoring (loss, bits per byte, the length sweep), safetensors model folders and Hugging Face export/import."""
 
 from model.config import ModelConfig, flops_per_token, param_count
 from model.generate import beam_search, generate, generate_batch

@@ -3,8 +3,10 @@
 The engine sees only token ids (the tokenizer lives elsewhere). Prompts of
 different lengths decode together as one left-padded batch: the padding is never
 attended and each row's positions start at its first real token, so a batched
-prompt gets the same tokens as the prompt alone. The KV cache is preallocated and
-written in place; only the last position is unembedded. The sampler applies, in
+prompt gets the same tokens as the prompt alone. Sampled rows too: each row has
+its own budget and its own seeded random stream, and leaves the batch when it
+stops, so what a row samples never depends on its neighbours. The KV cache is
+preallocated and written in place; only the last position is unembedded. The sampler applies, in
 Hugging Face's order, repetition penalty, temperature, top-k and top-p;
 `temperature == 0` is greedy. `beam_search` is separate: it keeps `num_beams`
 hypotheses and reorders the cache rows after every token. `SamplingOptions`
@@ -14,7 +16,8 @@ gathers these settings in one validated value (the `decode` config section,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import hashlib
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +25,6 @@ import torch
 
 from model.gpt import GPT
 from model.kv_cache import KVCache
-
-Step = Callable[[torch.Tensor], torch.Tensor]  # next tokens (B,) -> logits (B, vocab)
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,9 @@ class SamplingOptions:
     num_samples: int = 1
     """Samples per prompt (with beam search: the best num_samples beams)."""
     seed: int | None = 0
-    """Sampling seed (null: unseeded)."""
+    """Sampling seed (null: unseeded); each (prompt, sample) draws from its own stream derived from it."""
     batch_size: int = field(default=16, metadata={"fingerprint": False})
-    """Sequences decoded together (left-padded) per forward pass."""
+    """Sequences decoded together (left-padded) per forward pass; changes the speed, never a completion."""
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "num_beams", "num_samples", "batch_size"):
@@ -117,25 +118,37 @@ def decode_one_token(model: GPT, token: torch.Tensor, cache: KVCache) -> torch.T
     return model.lm_head(model.hidden_states(token[:, None], kv_cache=cache)[:, -1])
 
 
-def _cached_decoder(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, Step]:
-    cache = KVCache.for_model(model, batch_size=idx.shape[0], max_len=max_len)
-    return prefill(model, idx, cache, attention_mask=mask), lambda token: decode_one_token(model, token, cache)
+class _Decoder:
+    """The model stepped one token at a time over the rows still decoding; `keep` drops the rows that are done."""
 
+    def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: int, *, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        if use_cache:
+            self.cache = KVCache.for_model(model, batch_size=idx.shape[0], max_len=max_len)
+            self.logits = prefill(model, idx, self.cache, attention_mask=mask)  # (B, vocab)
+        else:  # the reference path: a full forward over everything so far for every new token
+            self.idx, self.mask = idx, mask
+            self.logits = self._full_forward()
 
-def _full_forward_decoder(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, Step]:
-    """The reference path: a full forward over everything so far for every new token (no cache)."""
-    state = {"idx": idx, "mask": mask}
+    def _full_forward(self) -> torch.Tensor:
+        return self.model.lm_head(self.model.hidden_states(self.idx, attention_mask=self.mask)[:, -1])
 
-    def logits() -> torch.Tensor:
-        return model.lm_head(model.hidden_states(state["idx"], attention_mask=state["mask"])[:, -1])
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the rows `rows` (B',) of the batch, in that order."""
+        if self.use_cache:
+            self.cache.reorder(rows)
+        else:
+            self.idx = self.idx.index_select(0, rows)
+            self.mask = self.mask.index_select(0, rows) if self.mask is not None else None
 
-    def step(token: torch.Tensor) -> torch.Tensor:
-        state["idx"] = torch.cat([state["idx"], token[:, None]], dim=1)
-        if state["mask"] is not None:
-            state["mask"] = torch.cat([state["mask"], torch.ones_like(token)[:, None]], dim=1)
-        return logits()
-
-    return logits(), step
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (B,) -> logits for the next position (B, vocab)."""
+        if self.use_cache:
+            return decode_one_token(self.model, token, self.cache)
+        self.idx = torch.cat([self.idx, token[:, None]], dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(token)[:, None]], dim=1)
+        return self._full_forward()
 
 
 def left_pad(prompts: list[list[int]], device: torch.device, *, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,6 +166,27 @@ def _check_length(model: GPT, total: int) -> None:
     cfg = model.config
     if cfg.pos_encoding == "learned":
         assert total <= cfg.max_seq_len, f"prompt + max_new_tokens = {total} exceeds max_seq_len {cfg.max_seq_len}"
+
+
+def row_seed(seed: int, *key: int) -> int:
+    """The seed of one row's random stream, a pure function of (seed, *key): e.g. (seed, prompt, sample)."""
+    digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any value torch's manual_seed takes
+
+
+def _row_generators(seed: int | Sequence[int] | None, B: int, device: torch.device) -> list[torch.Generator] | None:
+    if seed is None:
+        return None
+    seeds = list(seed) if isinstance(seed, Sequence) else [row_seed(int(seed), row) for row in range(B)]
+    assert len(seeds) == B, f"{len(seeds)} seeds for {B} prompts"
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def _sample_rows(logits: torch.Tensor, generators: list[torch.Generator] | None, **sampler: Any) -> torch.Tensor:
+    """logits: (B, vocab) -> next ids (B,); row j draws from generators[j] alone, so its draw is its own."""
+    if generators is None or sampler["temperature"] == 0.0:
+        return sample_next(logits, generator=None, **sampler)
+    return torch.cat([sample_next(logits[j : j + 1], generator=g, **sampler) for j, g in enumerate(generators)])
 
 
 # --- sampling and greedy decoding --------------------------------------------------------
@@ -184,59 +218,59 @@ def generate_batch(
     model: GPT,
     prompts: list[list[int]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     stop_tokens: Collection[int] | None = None,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Complete prompts of any lengths as one left-padded batch; returns the new tokens of each prompt,
-    each cut after its first stop token. Decoding ends when every row has stopped or after max_new_tokens."""
-    assert max_new_tokens > 0, f"max_new_tokens must be > 0, got {max_new_tokens}"
+    """Complete prompts of any lengths as one left-padded batch; returns the new tokens of each prompt, each cut
+    after its first stop token.
+
+    Every row is decoded on its own terms, so its tokens do not depend on its neighbours in the batch: its budget
+    (`max_new_tokens`: one for all rows or one per row), its random stream (`seed`: one per row, or one seed from
+    which row r's is `row_seed(seed, r)`; None draws from torch's global generator), and it leaves the batch when
+    it stops or its budget is spent. Decoding ends when no row is left."""
+    B = len(prompts)
+    budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    assert len(budgets) == B and min(budgets) > 0, f"max_new_tokens must be > 0 for each of {B} rows, got {max_new_tokens}"
     model.eval()
     device = next(model.parameters()).device
     idx, mask = left_pad(prompts, device)  # (B, T), (B, T) | None
-    B, T = idx.shape
-    _check_length(model, T + max_new_tokens)
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(stop_tokens), device=device) if stop_tokens else None
+    _check_length(model, max(len(p) + n for p, n in zip(prompts, budgets)))
+    generators = _row_generators(seed, B, device)
+    sampler = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    stops = set(stop_tokens or ())
     seen = None
     if repetition_penalty != 1.0:  # which tokens each row has seen so far (its prompt, not the padding)
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, idx, True if mask is None else mask.bool())
-    logits, step = _cached_decoder(model, idx, mask, T + max_new_tokens) if use_cache else _full_forward_decoder(model, idx, mask)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
-    for i in range(max_new_tokens):
+    decoder = _Decoder(model, idx, mask, idx.shape[1] + max(budgets), use_cache=use_cache)
+    logits, active = decoder.logits, list(range(B))  # active: the batch rows still decoding, in order
+    out: list[list[int]] = [[] for _ in range(B)]
+    while True:
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # (B,)
-        out[:, i] = nxt
-        n = i + 1
-        if stop is not None:
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()):
-                break
-        if n == max_new_tokens:
-            break
+        gens = [generators[r] for r in active] if generators is not None else None
+        nxt = _sample_rows(logits, gens, **sampler)  # (len(active),)
+        keep = []
+        for j, (row, token) in enumerate(zip(active, nxt.tolist())):
+            out[row].append(token)
+            if token not in stops and len(out[row]) < budgets[row]:
+                keep.append(j)
+        if not keep:
+            return out
+        if len(keep) < len(active):
+            rows = torch.tensor(keep, device=device)
+            active, nxt = [active[j] for j in keep], nxt.index_select(0, rows)
+            seen = seen.index_select(0, rows) if seen is not None else None
+            decoder.keep(rows)
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        logits = step(nxt)
-    return _cut_at_stop(out[:, :n].tolist(), stop_tokens)
-
-
-def _cut_at_stop(rows: list[list[int]], stop_tokens: Collection[int] | None) -> list[list[int]]:
-    if not stop_tokens:
-        return rows
-    cut = []
-    for row in rows:
-        end = next((i + 1 for i, t in enumerate(row) if t in stop_tokens), len(row))
-        cut.append(row[:end])
-    return cut
+        logits = decoder.step(nxt)
 
 
 # --- beam search -----------------------------------------------------------------------

@@ -173,8 +173,9 @@ class GPT(nn.Module):
         positions, key_valid = self._positions(T, kv_cache, attention_mask, idx.device)  # (B|1, T), (B, S) | None
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            assert start + T <= self.config.max_seq_len, (
-                f"position {start + T - 1} is beyond the learned table of {self.config.max_seq_len}")
+            # left-padded rows count from their first real token: the last slot may be past the table, a row not
+            last = start + T - 1 if key_valid is None else int(positions.max())
+            assert last < self.config.max_seq_len, f"position {last} is beyond the learned table of {self.config.max_seq_len}"
             x = x + self.pos_emb(positions)  # (B|1, T, C)
         elif self.config.pos_encoding == "sinusoidal":
             x = x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)  # (B|1, T, C)

@@ -1,2 +1,2 @@
-"""The pipeline: config, workflow engine, artifact store, MLflow tracking, CLI and stages.
+"""The pipeline: config, workflow engine (engine/), stages (stages/), MLflow (tracking/), Ray and the cluster (cluster/), CLI.
 The only package that knows Ray, DeepSpeed and MLflow."""

@@ -27,7 +27,7 @@ def model_dir_from_folder(folder: Path) -> Path:
     decode stage folder, whose committed manifest names its train upstream (a sibling in the same store)."""
     if has_model(folder):
         return folder
-    store, stage = ArtifactStore(str(folder.parent.parent)), folder.parent.name
+    store, stage = ArtifactStore.of_folder(folder)
     manifest = store.folder_manifest(stage, folder.name)
     if manifest is None:
         raise TargetError(f"{folder}: no {', '.join(MODEL_FILES)} and no _COMPLETE.json (not a committed stage folder)")

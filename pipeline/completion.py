@@ -3,7 +3,9 @@
 Shared by the `decode` stage, `llmpipe generate` and the MLflow pyfunc model, so
 it imports only torch, `model` and `tokenization` (a model server needs nothing
 else); the options are `model.generate.SamplingOptions`. Sampling rows (prompts x samples) decode together as left-padded batches
-of `batch_size` through `generate_batch`; beam search runs one prompt at a time.
+of `batch_size` through `generate_batch`, each row with its own budget and its own random stream seeded by
+(seed, prompt index, sample index), so `batch_size` changes the speed, never a completion; beam search runs one
+prompt at a time.
 A model with a learned position table keeps only the end of a long prompt, so
 that prompt + new tokens fit in the table. The log-likelihood of a completion is
 the sum of log p(token | prompt, earlier tokens) under the model itself (no
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from model import GPT, beam_search, generate_batch
-from model.generate import SamplingOptions, left_pad
+from model.generate import SamplingOptions, left_pad, row_seed
 from tokenization.bpe import EOS
 
 
@@ -66,17 +68,18 @@ def _beam_outs(model: GPT, ids: list[list[int]], opts: SamplingOptions, stops: s
 
 
 def _sampled_outs(model: GPT, ids: list[list[int]], opts: SamplingOptions, stops: set[int] | None) -> list[Out]:
-    """Every (prompt, sample) pair, `batch_size` rows per left-padded batch; batch b is seeded with seed + b."""
+    """Every (prompt, sample) pair, `batch_size` rows per left-padded batch. Each pair has its own budget and its own
+    random stream, seeded by (seed, prompt, sample), so its completion does not depend on the batch it lands in."""
     pairs = [(p, s) for p in range(len(ids)) for s in range(opts.num_samples)]
     out: list[Out] = []
-    for b, i in enumerate(range(0, len(pairs), opts.batch_size)):
+    for i in range(0, len(pairs), opts.batch_size):
         chunk = pairs[i : i + opts.batch_size]
         batch = [ids[p] for p, _ in chunk]
         t0 = time.perf_counter()
-        new = generate_batch(model, batch, max_new_tokens=min(fit_prompt(model, x, opts.max_new_tokens)[1] for x in batch),
+        new = generate_batch(model, batch, max_new_tokens=[fit_prompt(model, x, opts.max_new_tokens)[1] for x in batch],
                              temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                              repetition_penalty=opts.repetition_penalty, stop_tokens=stops,
-                             seed=None if opts.seed is None else opts.seed + b)
+                             seed=None if opts.seed is None else [row_seed(opts.seed, p, s) for p, s in chunk])
         speed = sum(len(n) for n in new) / (time.perf_counter() - t0)
         lls = completion_logprobs(model, batch, new)
         out += [(p, s, n, ll, speed) for (p, s), n, ll in zip(chunk, new, lls)]

@@ -50,6 +50,14 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return out
 
 
+def field_docs(section_type: type) -> dict[str, str | None]:
+    """name -> documentation of every field of a section: a dataclass's field docstrings, a pydantic description."""
+    if dataclasses.is_dataclass(section_type):
+        docs = attribute_docs(section_type)
+        return {f.name: docs.get(f.name) for f in dataclasses.fields(section_type)}
+    return {name: f.description for name, f in section_type.model_fields.items()}
+
+
 def _default(section: type, name: str) -> Any:
     if dataclasses.is_dataclass(section):
         f = next(f for f in dataclasses.fields(section) if f.name == name)
@@ -122,10 +130,10 @@ def _is_section(kind: Any) -> bool:
 
 def reference() -> str:
     """The Markdown reference: top-level keys, then one table per section."""
-    from pipeline.schema import Config, section_fields
+    from pipeline.schema import Config, changes_output
 
     lines = ["| key | default | description |", "|---|---|---|"]
-    for name, (_, doc) in section_fields(Config).items():
+    for name, doc in field_docs(Config).items():
         if not _is_section(Config.model_fields[name].annotation):
             lines.append(f"| `{name}` | {_show(_default(Config, name))} | {doc or ''} |")
     parts = ["\n".join(lines)]
@@ -134,11 +142,12 @@ def reference() -> str:
         if siblings:
             rows += [f"`<stage>` is any of {', '.join(f'`{s}`' for s in siblings)}.", ""]
         rows += ["| key | default | fingerprinted | description |", "|---|---|---|---|"]
-        for name, (changes_output, doc) in section_fields(kind).items():
+        flags = changes_output(kind)
+        for name, doc in field_docs(kind).items():
             value = _default(kind, name)
             if _is_section(type(value)) and isinstance(value, BaseModel):
                 continue  # a nested section: its own table follows
-            fingerprinted = "yes" if changes_output and key.split(".")[0] not in UNFINGERPRINTED else "no"
+            fingerprinted = "yes" if flags[name] and key.split(".")[0] not in UNFINGERPRINTED else "no"
             choices = _choices(kind, name)
             description = (doc or "") + (f" One of: {', '.join(f'`{c}`' for c in choices)}." if choices else "")
             description = description.replace("|", "\\|")

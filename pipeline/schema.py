@@ -60,7 +60,7 @@ class DataConfig(DocOptions):
     """The `data` section: the corpus, how documents are cleaned (`DocOptions`) and how they are sharded."""
 
     inputs: list[str]
-    """Files, directories or globs: local paths, pyarrow.fs URIs (s3://, gs://, hdfs://) or pkg://PACKAGE/glob (data a package ships). .txt/.md files are one document each; .jsonl, .jsonl.gz and .parquet hold one per record."""
+    """Files, directories or globs: local paths, pyarrow.fs URIs (s3://, gs://, hdfs://; filesystem options as a query, e.g. ?endpoint_override=host:9000&scheme=http) or pkg://PACKAGE/glob (data a package ships). .txt/.md files are one document each; .jsonl, .jsonl.gz, .jsonl.zst, .json (an array of records or strings) and .parquet hold one per record; a UTF-8 BOM is dropped. A folder is read for every one of these; other files in it are named in a warning. Files are identified by content and by their path relative to the entry (package-relative for pkg://), so a copied corpus is the same input."""
     val_fraction: float = 0.05
     """Fraction of documents (by content hash) held out for validation."""
     shard_size_mb: float = 64.0
@@ -130,7 +130,7 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0 disables).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 on CPU; resolved on the driver, the fingerprint holds the result and the device kind.")
     seed: int = Field(1337, description="Seed for init, data order and dropout.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and step) on the CPU; needs zero_stage >= 1.")
     offload_params: bool = Field(False, description="ZeRO-Infinity style parameter offload to the CPU; needs zero_stage 3.")
@@ -141,7 +141,7 @@ class TrainConfig(_Section):
     peak_tflops: float | None = _nf(None, "Peak TFLOP/s per worker for MFU (default: looked up from the GPU model).", gt=0.0)
     log_model: bool = _nf(True, "Log the trained model to MLflow as a pyfunc text-generation model (`mlflow models serve`).")
     registered_model_name: str | None = _nf(None, "Also register the logged model under this name in the MLflow registry.")
-    num_workers: int = _nf(2, "Ray Train workers (one GPU each when GPUs are used).", ge=1)
+    num_workers: int = _nf(2, "Ray Train workers (one GPU each when GPUs are used); the same samples and schedule, equal up to floating-point reduction order.", ge=1)
     checkpoint_every: int = _nf(100, "Checkpoint every N steps (and always at the end).", ge=1)
     keep_checkpoints: int = _nf(2, "Checkpoints kept (newest first).", ge=1)
     max_failures: int = _nf(2, "Worker-group restarts Ray Train attempts from the last checkpoint.", ge=0)
@@ -202,9 +202,17 @@ class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log runs to MLflow (MLFLOW_TRACKING_URI, else MLflow's local default).")
     experiment: str | None = Field(None, description="MLflow experiment (default: the config name).")
 
+    @field_validator("experiment")
+    @classmethod
+    def _stays_in_the_store(cls, value: str | None) -> str | None:
+        # It also names the store's <root>/_runs/<experiment>.json; '/' may stay (MLflow names use it), '..' may not.
+        if value is not None and ({"..", "."} & set(value.replace("\\", "/").split("/")) or "\x00" in value):
+            raise ValueError(f"{value!r} must not hold a '..' or '.' path component (it names a file in the store)")
+        return value
+
 
 class Config(_Section):
-    name: str = Field(..., min_length=1, description="Experiment name; also the MLflow experiment.")
+    name: str = Field(..., min_length=1, description="Experiment name, one folder name (the store keeps `_runs/<name>.json`); also the MLflow experiment.")
     store: StoreConfig = Field(default_factory=StoreConfig)
     data: DataConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -214,6 +222,14 @@ class Config(_Section):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, value: str) -> str:
+        # The name is a path under the store root (<root>/_runs/<name>.json): it must not reach out of it.
+        if value in (".", "..") or any(c in value for c in "/\\\x00"):
+            raise ValueError(f"{value!r} must be one folder name (no '/', '\\', NUL, '.' or '..'): it names a file in the store")
+        return value
 
     @field_validator("model", mode="before")
     @classmethod
@@ -260,25 +276,20 @@ class Config(_Section):
 
 
 
-def section_fields(section_type: type) -> dict[str, tuple[bool, str | None]]:
-    """name -> (changes the output, description) for a pydantic section or a dataclass section."""
+def changes_output(section_type: type) -> dict[str, bool]:
+    """name -> whether the field can change a stage's output, for a pydantic section or a dataclass section."""
     if dataclasses.is_dataclass(section_type):
-        from pipeline.config_reference import attribute_docs
-
-        docs = attribute_docs(section_type)
-        return {f.name: (f.metadata.get("fingerprint", True), docs.get(f.name)) for f in dataclasses.fields(section_type)}
-    out = {}
-    for name, field in section_type.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        out[name] = (extra.get("fingerprint", True), field.description)
-    return out
+        return {f.name: f.metadata.get("fingerprint", True) for f in dataclasses.fields(section_type)}
+    extras = {name: f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+              for name, f in section_type.model_fields.items()}
+    return {name: extra.get("fingerprint", True) for name, extra in extras.items()}
 
 
 def fingerprint_view(section: Any) -> dict[str, Any]:
     """The fields of a section that change the output (fingerprint=False ones dropped)."""
     out: dict[str, Any] = {}
-    for name, (changes_output, _) in section_fields(type(section)).items():
-        if changes_output:
+    for name, changes in changes_output(type(section)).items():
+        if changes:
             value = getattr(section, name)
             is_section = isinstance(value, BaseModel) or dataclasses.is_dataclass(value)
             out[name] = fingerprint_view(value) if is_section else _plain(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -13,6 +14,18 @@ WORDS = ("the king and queen of a castle speak to the fool who answers with a so
 
 def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_hash_memo(tmp_path_factory: pytest.TempPathFactory):
+    """Input files' content hashes are remembered per user (tokenization.content_hash); the tests keep their own."""
+    old = os.environ.get("LLMPIPE_CACHE_DIR")
+    os.environ["LLMPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("llmpipe-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LLMPIPE_CACHE_DIR", None)
+    else:
+        os.environ["LLMPIPE_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

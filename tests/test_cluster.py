@@ -191,6 +191,42 @@ def test_a_store_folder_another_node_cannot_see_is_refused_naming_the_node(clust
     assert not [p for p in store.iterdir() if p.name not in ("_probe", "_locks")]  # no stage folder was started
 
 
+def test_input_files_another_node_cannot_see_are_refused_naming_the_node_and_the_file(cluster, corpus_dir, tmp_path):
+    inputs = tmp_path / "inputs"
+    (inputs / "shared").mkdir(parents=True)
+    for f in sorted(corpus_dir.iterdir())[:3]:
+        (inputs / "shared" / f.name).write_bytes(f.read_bytes())
+    (inputs / "head_only").mkdir()  # the blind node sees an empty tmpfs here, as a node without the mount would
+    (inputs / "head_only" / "extra.md").write_text("# Extra\n\nKING:\nOnly the head has this play.\n")
+    store = tmp_path / "store"  # every node sees the store: only the inputs differ
+    cluster.add_node("blind", num_cpus=1, hide=inputs / "head_only")
+    try:
+        blind = cluster.node_id("blind")
+        config = _write_config(tmp_path / "wd", inputs, store, tracking={"enabled": False}, data={"on_error": "skip"})
+        out = _run_on(cluster, config)
+    finally:
+        cluster.kill("blind")
+        cluster.wait_alive(2)
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "data.inputs: node " in err[0] and blind[:12] in err[0], err
+    assert f"does not see {inputs / 'head_only' / 'extra.md'}" in err[0] and "of 3 nodes" not in err[0], err
+    assert not [p for p in store.iterdir() if p.name not in ("_probe", "_locks")]  # no stage folder was started
+
+
+def test_the_first_difference_between_two_views_of_the_inputs_is_named():
+    from pipeline.cluster.preflight import first_difference
+
+    driver = [("/d/a.md", 10), ("/d/b.md", 20), ("/d/c.md", 30)]
+    assert first_difference(driver, list(driver)) is None
+    assert first_difference(driver, driver[:1] + driver[2:]) == "does not see /d/b.md (20 bytes on the driver)"
+    assert first_difference(driver, driver + [("/d/d.md", 1)]) == "sees /d/d.md (1 bytes), which the driver does not"
+    assert first_difference(driver, [("/d/a.md", 10), ("/d/b.md", 21), ("/d/c.md", 30)]) == (
+        "sees /d/b.md with 21 bytes, the driver with 20")
+    assert first_difference(driver, "error: InputError: data.inputs: '/d' matches no files") == (
+        "cannot resolve them (error: InputError: data.inputs: '/d' matches no files)")
+
+
 def _wait_for(predicate, timeout: float, what: str, context=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -268,6 +304,8 @@ def test_a_submitted_pipeline_on_s3_spreads_over_nodes_tracks_to_the_server_and_
     train = next(r for r in children if r.data.tags["stage"] == "train")
     steps = [m.step for m in mlflow.get_metric_history(train.info.run_id, "train/loss")]
     assert max(steps) == 40
+    # resumed from the checkpoint in S3, not from step 0: the steps up to the first checkpoint were trained once
+    assert all(steps.count(s) == 1 for s in range(1, 11)), sorted(steps)
 
     status = subprocess.run([sys.executable, "-m", "pipeline", "status", "--job", job, "--address", cluster.dashboard],
                             capture_output=True, text=True, timeout=60)

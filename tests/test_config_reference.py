@@ -6,8 +6,15 @@ import dataclasses
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.config_reference import BEGIN, END, readme_block, reference, sections
-from pipeline.schema import Config, section_fields
+from pipeline.config_reference import (
+    BEGIN,
+    END,
+    field_docs,
+    readme_block,
+    reference,
+    sections,
+)
+from pipeline.schema import Config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -22,7 +29,7 @@ def test_every_field_of_every_section_is_documented_once():
     keys = [line.split("|")[1].strip().strip("`") for line in reference().splitlines() if line.startswith("| `")]
     assert len(keys) == len(set(keys))
     for key, kind, _ in sections():
-        for name, (_, doc) in section_fields(kind).items():
+        for name, doc in field_docs(kind).items():
             assert doc, f"{key}.{name} has no docstring or description"
             if key == "resources":  # its fields are the per-stage sections, one table `resources.<stage>`
                 continue

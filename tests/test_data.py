@@ -1,10 +1,11 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from tokenization.bpe import EOS, load_tokenizer, token_byte_lengths, train_bpe
 from tokenization.dataset import TokenWindows, sample_indices
 from tokenization.inputs import InputError, resolve_inputs
-from tokenization.shards import read_tokens, write_shard
+from tokenization.shards import list_type, read_tokens, write_shard
 
 
 def test_shard_round_trip_is_zero_copy_and_uint16(tmp_path):
@@ -15,6 +16,20 @@ def test_shard_round_trip_is_zero_copy_and_uint16(tmp_path):
     assert flat.dtype == np.uint16 and flat.tolist() == [1, 2, 3, 4, 5]
     assert not flat.flags.owndata  # a view of the memory map, not a copy
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_shard_past_2_31_tokens_gets_64_bit_offsets_and_reads_the_same(tmp_path):
+    # int32 offsets end at 2^31 - 1 tokens: one more and the writer must pick large_list, or offsets wrap silently
+    assert list_type(np.dtype(np.uint16), 2**31 - 1) == pa.list_(pa.uint16())
+    assert list_type(np.dtype(np.uint16), 2**31) == pa.large_list(pa.uint16())
+    assert list_type(np.dtype(np.uint32), 5 * 2**31) == pa.large_list(pa.uint32())
+    # what such a shard looks like, built small: readers take it like a list<> shard, zero-copy
+    arr = pa.LargeListArray.from_arrays(pa.array(np.array([0, 3, 5], dtype=np.int64)), pa.array(np.arange(5, dtype=np.uint16)))
+    with pa.OSFile(str(tmp_path / "large.arrow"), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("input_ids", arr.type)])) as w:
+        w.write_table(pa.table({"input_ids": arr}))
+    flat = read_tokens(tmp_path / "large.arrow")
+    assert flat.tolist() == [0, 1, 2, 3, 4] and not flat.flags.owndata
+    assert TokenWindows([tmp_path / "large.arrow"], seq_len=2).window(1).tolist() == [2, 3, 4]
 
 
 def test_windows_cut_seq_len_plus_one_within_each_shard(tmp_path):

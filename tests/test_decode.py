@@ -134,3 +134,22 @@ def test_samples_files(model_dir, tmp_path):
     jsonl, md = write_samples(rows, tmp_path)
     assert [json.loads(line) for line in jsonl.read_text().splitlines()] == rows
     assert md.read_text().count("## prompt 'KING:\\n'") == 2
+
+
+@pytest.mark.parametrize("eos", ["<|endoftext|>", "<none>"])  # rows that stop early, and rows that run to the budget
+def test_sampled_completions_do_not_depend_on_the_batch_size(model_dir, eos):
+    model, tok = _loaded(model_dir)
+    prompts = ["the king and the queen of a castle", "night", "ladies read letters", "a fool"]
+
+    def rows(batch_size: int) -> list[tuple]:
+        opts = SamplingOptions(max_new_tokens=10, temperature=1.2, top_k=None, num_samples=3, seed=7,
+                               batch_size=batch_size)
+        return [(r["prompt"], r["sample"], r["completion"], r["new_tokens"], r["log_likelihood"])
+                for r in complete(model, tok, prompts, opts, eos_token=eos)]
+
+    one = rows(1)
+    assert len({r[2] for r in one}) > 6  # really sampled: the 12 rows are mostly different completions
+    for batch_size in (3, 16):
+        other = rows(batch_size)
+        assert [r[:4] for r in other] == [r[:4] for r in one]
+        assert [r[4] for r in other] == pytest.approx([r[4] for r in one], rel=1e-6)  # float sums: padding differs

@@ -122,3 +122,14 @@ def test_beam_search_finishes_hypotheses_at_stop_tokens():
     beams = beam_search(m, [1, 2], num_beams=4, max_new_tokens=8, stop_tokens={stop}, num_return_sequences=4)
     assert all(stop not in b[:-1] for b in beams)  # a stop token ends its hypothesis
     assert any(b[-1] == stop for b in beams)
+
+
+def test_each_row_has_its_own_budget_and_seed_whatever_its_neighbours():
+    m = tiny("learned")  # a table of 48: the rows fit their own budgets, not the padded batch's
+    prompts, budgets, seeds = [[1] * 40, [2, 3, 4], [5, 6]], [8, 30, 12], [11, 12, 13]
+    batched = generate_batch(m, prompts, max_new_tokens=budgets, temperature=1.3, seed=seeds)
+    alone = [generate_batch(m, [p], max_new_tokens=[n], temperature=1.3, seed=[s])[0]
+             for p, n, s in zip(prompts, budgets, seeds)]
+    assert batched == alone and [len(r) for r in batched] == budgets
+    reordered = generate_batch(m, prompts[::-1], max_new_tokens=budgets[::-1], temperature=1.3, seed=seeds[::-1])
+    assert reordered == batched[::-1]

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 # stage -> (the version that produced it, sha256 over its output files)
 GOLDEN = {
-    "tokenizer": (2, "a4b006905327742d737d5f412066df2d603c7934dbe47a114cd22cadbc4aa791"),
-    "prepare": (3, "130b02012bcd6ec1c2b139cf7ccc5ebc4ba29bc88d6af4cc1159c7f77ca57a5e"),
-    "train": (1, "efa3697464e38b4116e89bcf0c4a9162f8002fc16660906f7b46dedeb5a6ba45"),
+    "tokenizer": (3, "a4b006905327742d737d5f412066df2d603c7934dbe47a114cd22cadbc4aa791"),
+    "prepare": (4, "130b02012bcd6ec1c2b139cf7ccc5ebc4ba29bc88d6af4cc1159c7f77ca57a5e"),
+    "train": (2, "efa3697464e38b4116e89bcf0c4a9162f8002fc16660906f7b46dedeb5a6ba45"),
 }
 OUTPUTS = {"tokenizer": ("tokenizer.json",), "prepare": ("*.arrow",), "train": ("model.safetensors",)}
 

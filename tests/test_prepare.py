@@ -25,6 +25,7 @@ def mixed_corpus(corpus_dir, tmp_path_factory) -> Path:
     lines = [json.dumps({"text": f"Letter {i}: " + "the king rides to the sea and speaks. " * 8}) for i in range(500)]
     lines += [lines[i * 7] for i in range(25)]  # exact duplicates, later in the file
     (root / "letters.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "notes.csv").write_text("not an input\n")  # ignored, and said so
     return root
 
 
@@ -83,6 +84,8 @@ def test_statistics_dedup_and_tracking(ray_local, tracking_uri, mixed_corpus, tm
     client = MlflowClient(tracking_uri)
     run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], filter_string="tags.stage = 'prepare'")[0]
     assert run.data.metrics["filtered_duplicate"] == 25 and run.data.metrics["docs"] == 520
+    assert run.data.metrics["ignored_files"] == 1
+    assert "[prepare] warning: data.inputs: ignored 1 file of other types (1 .csv); inputs are .txt, .md" in capsys.readouterr().out
     assert 0.05 < run.data.metrics["tokens_per_byte"] < 1.0
     assert {"shards.json", "doc_lengths.png", "skipped.jsonl"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -126,7 +129,7 @@ def test_status_names_the_changed_input_files(ray_local, tracking_uri, mixed_cor
     (corpus / "new_play.md").write_text("# A new play\n\nKING:\nHello.\n")
     assert cli.main(["status", cfg]) == 0
     out = capsys.readouterr().out
-    assert f"data.inputs.{corpus}/new_play.md: <unset> -> 27 bytes" in out
+    assert "data.inputs.new_play.md: <unset> -> 27 bytes, sha256 " in out  # named relative to the input folder
     assert "prepare    stale" in out and "tokenizer  stale" in out
 
 

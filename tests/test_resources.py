@@ -46,8 +46,13 @@ def test_resources_never_change_a_fingerprint(tiny_config):
         return out
 
     base = tiny_config()
-    moved = tiny_config(resources={"prepare": {"num_cpus": 4, "spread": True}, "train": {"num_gpus": 1, "custom": {"x": 1}}})
+    moved = tiny_config(resources={"prepare": {"num_cpus": 4, "spread": True}, "evaluate": {"num_gpus": 1},
+                                   "train": {"num_gpus": 0, "num_cpus": 2, "custom": {"x": 1}}})
     assert fps(base) == fps(moved)
+    # except the device kind the train workers get, which the train fingerprint holds (with what precision: auto
+    # resolved to): a model trained on CPUs is not the one a GPU run would train
+    gpu = fps(tiny_config(resources={"train": {"num_gpus": 1}}))
+    assert [n for n in gpu if gpu[n] != fps(base)[n]] == ["train", "evaluate", "decode"]
 
 
 def test_a_key_that_moved_to_resources_says_where(tmp_path, corpus_dir):

@@ -56,6 +56,60 @@ def test_logged_model_is_registered_leaves_the_run_running_and_predicts_per_row_
     assert len(model.predict({"prompt": ["the king"]})) == 1  # a dict of columns, defaults for the rest
 
 
+def test_logged_model_is_code_not_a_pickle_and_loads_with_unpickling_disallowed(logged, monkeypatch):
+    import mlflow
+    import yaml
+
+    uri, model_dir, _, _ = logged
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "python_model" not in flavor  # the key naming a pickled model object
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (folder / Path(flavor["model_code_path"]).name).is_file()  # models from code: MLflow runs this file
+    assert not [p for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # a pickle would now be refused
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.predict({"prompt": ["the king"], "max_new_tokens": [3], "temperature": [0.0]}) == [
+        _greedy(model_dir, "the king", 3)]
+
+
+def test_a_request_for_more_tokens_than_the_bound_is_refused(logged, tmp_path, tracking_uri):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri, model_dir, _, _ = logged
+    model = mlflow.pyfunc.load_model(uri)
+    with pytest.raises(MlflowException, match=r"row 1: max_new_tokens 1000000000 exceeds this model's limit of 32"):
+        model.predict({"prompt": ["a", "b"], "max_new_tokens": [2, 10**9]})  # default bound: the model's context
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment("bound", artifact_location=(tmp_path / "b").as_uri()))
+    bounded = mlflow.pyfunc.load_model(log_generation_model(tracking_uri, run.info.run_id, model_dir, max_new_tokens_limit=4))
+    assert len(bounded.predict({"prompt": ["a"], "max_new_tokens": [4]})) == 1
+    with pytest.raises(MlflowException, match=r"row 0: max_new_tokens 5 exceeds this model's limit of 4"):
+        bounded.predict({"prompt": ["a"], "max_new_tokens": [5]})
+
+
+def test_logging_the_model_warns_of_no_pickle_and_no_missing_type_hints(tmp_path):
+    """In a fresh interpreter, where MLflow checks `predict` as the class is defined and warns while it logs."""
+    script = f"""
+import sys
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+from pipeline.tracking.models import log_generation_model
+from tests.test_decode import make_model_dir
+uri = "sqlite:///{tmp_path}/m.db"
+client = MlflowClient(uri)
+run = client.create_run(client.create_experiment("w", artifact_location=Path("{tmp_path}/mlruns").as_uri()))
+print("LOGGED", log_generation_model(uri, run.info.run_id, make_model_dir(Path("{tmp_path}/train"))))
+"""
+    out = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1], check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "LOGGED models:/" in out.stdout, text[-3000:]
+    assert "CloudPickle" not in text and "Add type hints" not in text, text[-3000:]
+
+
 def test_logging_leaves_the_callers_tracking_uri_alone(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -126,6 +180,10 @@ def test_mlflow_models_serve_answers_a_generation_request_on_loopback(logged, tm
         assert isinstance(reply["predictions"], list) and len(reply["predictions"]) == 2
         assert all(isinstance(p, str) for p in reply["predictions"])
         assert reply["predictions"][0] == _greedy(model_dir, "the king", 5)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"prompt": "a", "max_new_tokens": 10**9}]})
+        assert refused.value.code == 400
+        assert "max_new_tokens 1000000000 exceeds this model's limit of 32" in refused.value.read().decode()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the session this test started
         try:

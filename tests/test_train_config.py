@@ -85,3 +85,24 @@ def test_mfu_uses_the_configured_peak_and_the_progress_line_reads_well():
     line = progress_line(120, 500, {"train/loss": 4.8123, "train/lr": 1.9e-3, "train/tokens_per_s": 12345.0, "train/mfu": 0.4},
                          elapsed_s=60.0, done_before=0)
     assert line == "step 120/500 (24%) loss 4.8123 lr 1.90e-03 12.3k tok/s MFU 40.0% ETA 3m10s"
+
+
+def test_precision_auto_is_resolved_on_the_driver_and_fingerprinted_as_what_it_resolved_to(tiny_config):
+    """auto and an explicit fp32 on CPU train the same model: one fingerprint. auto on a bf16 GPU trains another:
+    a CPU-trained model is never taken from the cache for it."""
+    from pipeline.engine.stage import fingerprint
+    from pipeline.stages.train.hardware import TrainHardware, resolve_hardware
+    from pipeline.stages.train.stage import STAGE, section_for
+
+    up = {"tokenizer": "t" * 64, "prepare": "p" * 64}
+    auto, fp32 = tiny_config(), tiny_config(train={"precision": "fp32"})
+    assert resolve_hardware(auto) == TrainHardware(device="cpu", precision="fp32")  # no GPU here, nor in a local Ray
+    assert STAGE.section(auto)["train"]["precision"] == "fp32" and STAGE.section(auto)["train"]["device"] == "cpu"
+    assert fingerprint(STAGE, STAGE.section(auto), up) == fingerprint(STAGE, STAGE.section(fp32), up)
+    gpu = section_for(auto, TrainHardware(device="cuda", precision="bf16"))
+    assert gpu["train"]["precision"] == "bf16" and gpu["train"]["device"] == "cuda"
+    assert fingerprint(STAGE, gpu, up) != fingerprint(STAGE, STAGE.section(auto), up)
+    assert fingerprint(STAGE, section_for(auto, TrainHardware(device="cuda", precision="fp32")), up) != \
+        fingerprint(STAGE, STAGE.section(auto), up)  # fp32 on a GPU is another device kind: another fingerprint
+    with pytest.raises(ConfigError, match="train.precision=bf16 needs a GPU"):  # refused when planned, not at launch
+        STAGE.section(tiny_config(train={"precision": "bf16"}))

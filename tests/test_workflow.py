@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +192,25 @@ def test_the_mlflow_experiment_opens_as_model_training(tracking_uri):
     Tracker("kind-test")
     exp = MlflowClient(tracking_uri).get_experiment_by_name("kind-test")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_stage_folder_written_before_generations_is_read_in_place_and_a_forced_rebuild_replaces_it(tiny_config):
+    calls: list[str] = []
+    stages = fake_stages(calls)
+    cfg = tiny_config()
+    run_all(cfg, stages)
+    store = ArtifactStore(cfg.store.root)
+    fp = plan(cfg, store, stages)[0].fingerprint
+    link = Path(store.stage_path("tokenizer", fp))
+    assert link.is_symlink() and (link / MARKER).is_file()  # a generation, linked
+    old = Path(os.path.realpath(link))
+    link.unlink()
+    shutil.move(old, link)  # the layout before generations: the files in the stage folder itself
+    assert plan(cfg, store, stages)[0].state == "cached" and store.local_dir("tokenizer", fp) == link
+
+    calls.clear()
+    run_all(cfg, stages, force=["tokenizer"])
+    assert calls == ["tokenizer"] and link.is_symlink() and store.manifest("tokenizer", fp) is not None
+    assert sorted(p.name for p in link.iterdir()) == [MARKER, "out.txt"]
+    generations = sorted((Path(store.base) / "_generations" / "tokenizer").iterdir())
+    assert generations == [Path(os.path.realpath(link))]  # the old folder was moved aside, then removed at the commit

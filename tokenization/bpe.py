@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tokenization.documents import DocOptions, doc_hash, documents
-from tokenization.inputs import InputError, InputFile, Piece
+from tokenization.documents import DocOptions
+from tokenization.inputs import InputError, InputFile
 from tokenization.readers import SkipLog
+from tokenization.sample import sample_parts, sample_texts
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -153,25 +154,13 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 def build_tokenizer(files: list[InputFile], *, opts: DocOptions, vocab_size: int, min_frequency: int,
                     max_train_bytes: int, special_tokens: list[str], out_dir: str) -> dict[str, float]:
-    """Train a BPE on a deterministic sample of about `max_train_bytes` (documents whose content hash
-    falls below max_train_bytes / corpus bytes) and save it as out_dir/tokenizer.json."""
-    total = sum(f.size for f in files)
-    rate = min(1.0, max_train_bytes / max(1, total))
-    seen = {"bytes": 0, "docs": 0}
+    """Train a BPE on a deterministic sample of about `max_train_bytes` spread over the corpus (see
+    `tokenization.sample`: parts of files are drawn, and only those are read) and save it as out_dir/tokenizer.json."""
+    seen: Counter = Counter()
     log, filtered = SkipLog(), Counter()
-
-    def texts():
-        for text in documents([Piece(f.uri, 0, f.size, f.size) for f in files], opts, log, filtered):
-            if rate < 1.0 and doc_hash(text) / 2**64 >= rate:
-                continue
-            if seen["bytes"] >= max_train_bytes:
-                return
-            text = text[: max_train_bytes - seen["bytes"]]
-            seen["bytes"] += len(text.encode("utf-8"))
-            seen["docs"] += 1
-            yield text
-
-    tok = train_bpe(texts(), vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens)
+    rate, _ = sample_parts(files, max_train_bytes)
+    tok = train_bpe(sample_texts(files, opts, max_train_bytes, log, filtered, seen), vocab_size=vocab_size,
+                    min_frequency=min_frequency, special_tokens=special_tokens)
     if seen["docs"] == 0:
         raise InputError("tokenizer: no documents to train on (every record was skipped or filtered)")
     tok.save(str(Path(out_dir) / "tokenizer.json"))

@@ -3,14 +3,16 @@
 `plan_shards` cuts the inputs into pieces and groups contiguous pieces into
 shards of about a target size: the plan depends on file sizes only. Pass 1
 (`hash_shards`) hashes every document for exact de-duplication; pass 2
-(`tokenize_shard`) tokenizes one shard, drops the duplicates it is told to,
-splits by content hash and writes `train-NNNNN.arrow` / `val-NNNNN.arrow`.
+(`tokenize_shard`) tokenizes one shard a batch of documents at a time, drops
+the duplicates it is told to, splits by content hash and writes
+`train-NNNNN.arrow` / `val-NNNNN.arrow` through a spilling `ShardWriter`.
 This module imports only numpy, pyarrow and tokenizers, so the processes
 that run it start fast.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenization.bpe import encode_documents, id_dtype, load_tokenizer
+from tokenization.bpe import BATCH_CHARS, encode_documents, id_dtype, load_tokenizer
 from tokenization.documents import (
     DocOptions,
     doc_hash,
@@ -28,7 +30,7 @@ from tokenization.documents import (
 )
 from tokenization.inputs import InputFile, Piece, split_file
 from tokenization.readers import SkipLog
-from tokenization.shards import write_shard
+from tokenization.shards import ShardWriter
 
 
 def plan_shards(files: list[InputFile], shard_bytes: int) -> list[list[Piece]]:
@@ -59,27 +61,47 @@ def _tokenizer(path: str):
 
 def tokenize_shard(index: int, pieces: list[Piece], drop: np.ndarray, *, tokenizer_path: str, eos_token: str,
                    opts: DocOptions, val_fraction: float, append_eos: bool, out_dir: str) -> dict[str, Any]:
-    """Pass 2 (plain function): tokenize one shard and write its train/val Arrow files."""
+    """Pass 2 (plain function): tokenize one shard and write its train/val Arrow files. Documents are read, encoded
+    and written a batch at a time, so memory does not grow with the shard (one huge file is one shard)."""
     tok = _tokenizer(tokenizer_path)
     dtype = id_dtype(tok.get_vocab_size())
     eos = np.asarray([tok.token_to_id(eos_token)] if append_eos else [], dtype=dtype)
     log, filtered = SkipLog(), Counter()
-    texts = list(documents(pieces, opts, log, filtered))
     dropped = set(drop.tolist())
     filtered["duplicate"] += len(dropped)
-    texts = [t for i, t in enumerate(texts) if i not in dropped]
-    encoded = encode_documents(tok, texts, dtype)
-    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    names = {split: f"{split}-{index:05d}.arrow" for split in ("train", "val")}
+    writers = {split: ShardWriter(Path(out_dir) / name, dtype) for split, name in names.items()}
     text_bytes = {"train": 0, "val": 0}
-    for text, ids in zip(texts, encoded):
-        split = "val" if is_validation(doc_hash(text), val_fraction) else "train"
-        splits[split].append(np.concatenate([ids, eos]))
-        text_bytes[split] += len(text.encode("utf-8"))
+    lengths = array("q")
+    batch: list[str] = []
+
+    def flush() -> None:
+        for text, ids in zip(batch, encode_documents(tok, batch, dtype)):
+            split = "val" if is_validation(doc_hash(text), val_fraction) else "train"
+            writers[split].add(np.concatenate([ids, eos]))
+            text_bytes[split] += len(text.encode("utf-8"))
+            lengths.append(len(ids) + len(eos))
+        batch.clear()
+
+    try:
+        size = 0
+        for i, text in enumerate(documents(pieces, opts, log, filtered)):
+            if i in dropped:
+                continue
+            batch.append(text)
+            size += len(text)
+            if size >= BATCH_CHARS:
+                flush()
+                size = 0
+        flush()
+        written = {split: w.close() for split, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
     out: dict[str, Any] = {"index": index, "pieces": [[p.uri, p.start, p.end] for p in pieces],
                            "skipped": dict(sorted(log.counts.items())), "filtered": dict(sorted(filtered.items())),
-                           "skipped_records": log.records,
-                           "length_histogram": length_histogram(len(d) for s in splits.values() for d in s).tolist()}
-    for split, docs in splits.items():
-        name = f"{split}-{index:05d}.arrow"
-        out[split] = {"file": name, "text_bytes": text_bytes[split], **write_shard(Path(out_dir) / name, docs, dtype)}
+                           "skipped_records": log.records, "length_histogram": length_histogram(lengths).tolist()}
+    for split, name in names.items():
+        out[split] = {"file": name, "text_bytes": text_bytes[split], **written[split]}
     return out

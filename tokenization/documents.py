@@ -60,7 +60,7 @@ def documents(pieces: Iterable[Piece], opts: DocOptions, log: SkipLog, filtered:
     skip_log = log if opts.on_error == "skip" else None
     for piece in pieces:
         for text in iter_documents(piece, text_field=opts.text_field, log=skip_log,
-                                   replace_invalid_utf8=opts.replace_invalid_utf8):
+                                   replace_invalid_utf8=opts.replace_invalid_utf8, max_chars=opts.max_chars):
             if opts.normalize == "nfc":
                 text = unicodedata.normalize("NFC", text)
             if len(text.strip()) < opts.min_chars:

@@ -6,7 +6,11 @@ and runs would land in a SQLite file on one machine. So `preflight` refuses a
 local (SQLite or file) tracking URI, a loopback tracking URI when nodes sit on
 other hosts, and an artifact root that a probe task on some node cannot read (a
 local folder that is not a shared mount, or object storage without credentials
-there).
+there). When a stage that reads `data.inputs` is about to run, every node also
+resolves the inputs and reports the files and sizes it sees; a node that sees
+other files than the driver is refused, naming the first differing file. (Under
+`data.on_error: skip` such a node would skip the files it lacks as unreadable,
+and the output would depend on where a task ran.)
 """
 
 from __future__ import annotations
@@ -99,8 +103,63 @@ def check_store(store: ArtifactStore, nodes: list[dict[str, Any]]) -> None:
             + (f" ({len(blind)} of {len(nodes)} nodes cannot)" if len(blind) > 1 else ""))
 
 
-def preflight(cfg: Config, store: ArtifactStore, tracking_uri: str | None) -> None:
-    """Refuse, before any stage starts, a cluster whose nodes would not share the store and the tracking."""
+Files = list[tuple[str, int]]  # (uri, size) of each resolved input file, sorted
+
+
+def _resolve_probe(specs: list[str]) -> Files | str:
+    """Runs on one node: the input files and sizes that node sees, or the error."""
+    from tokenization.inputs import resolve_inputs
+
+    try:
+        return [(f.uri, f.size) for f in resolve_inputs(specs)]
+    except Exception as e:  # noqa: BLE001 - any failure means this node does not see the inputs the driver sees
+        return f"error: {type(e).__name__}: {e}"
+
+
+def first_difference(driver: Files, node: Files | str) -> str | None:
+    """How a node's view of the inputs first differs from the driver's, in words; None when they agree."""
+    if isinstance(node, str):
+        return f"cannot resolve them ({node})"
+    mine, theirs = dict(driver), dict(node)
+    for uri in sorted(mine.keys() | theirs.keys()):
+        if uri not in theirs:
+            return f"does not see {uri} ({mine[uri]} bytes on the driver)"
+        if uri not in mine:
+            return f"sees {uri} ({theirs[uri]} bytes), which the driver does not"
+        if mine[uri] != theirs[uri]:
+            return f"sees {uri} with {theirs[uri]} bytes, the driver with {mine[uri]}"
+    return None
+
+
+def check_inputs(cfg: Config, nodes: list[dict[str, Any]]) -> None:
+    """Resolve `data.inputs` in a task pinned to every node and refuse a node that sees other files than the driver."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tokenization.inputs import resolve_inputs
+
+    if len(nodes) < 2:
+        return
+    specs = list(cfg.data.inputs)
+    driver = [(f.uri, f.size) for f in resolve_inputs(specs)]  # an InputError here is the driver's own, as in plan
+    probe = ray.remote(num_cpus=0, max_retries=0)(_resolve_probe)
+    refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(specs) for n in nodes}
+    differ = [(n, d) for n in nodes if (d := first_difference(driver, _probe_result(refs[n["NodeID"]]))) is not None]
+    if differ:
+        node, how = differ[0]
+        raise ClusterError(
+            f"data.inputs: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) {how}; on a multi-node cluster "
+            "every node must see the same input files (a shared filesystem mounted at the same path on every node, or "
+            "object storage), or the output would depend on where a task ran"
+            + (f" ({len(differ)} of {len(nodes)} nodes differ)" if len(differ) > 1 else ""))
+
+
+def preflight(cfg: Config, store: ArtifactStore, tracking_uri: str | None, *, inputs: bool = False) -> None:
+    """Refuse, before any stage starts, a cluster whose nodes would not share the store and the tracking, and
+    (`inputs`: a stage that reads `data.inputs` will run) whose nodes do not all see the same input files."""
     nodes = alive_nodes()
     check_tracking(cfg, tracking_uri, nodes)
     check_store(store, nodes)
+    if inputs:
+        check_inputs(cfg, nodes)

@@ -3,12 +3,16 @@
 `task_options` and `train_scaling` turn a stage's `resources.<stage>` section
 into Ray task options or Ray Train `ScalingConfig` arguments, so every stage
 asks for its CPUs, GPUs, memory, custom resources and node labels the same way
-(GPU stages default to one GPU when the cluster has any). Nothing here enters a
-fingerprint.
+(GPU stages default to one GPU when the cluster has any). `train_gets_gpus`
+answers, before Ray starts if need be, whether the train workers will get GPUs:
+the device kind that the train stage resolves into its fingerprint. Nothing
+else here enters a fingerprint.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from pipeline.schema import StageResources
@@ -20,6 +24,25 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def train_gets_gpus(res: StageResources) -> bool:
+    """Whether the train workers will get GPUs: the rule `train_scaling` applies once Ray is up, answered earlier
+    when it must be (the plan fingerprints it). An explicit `resources.train.num_gpus` decides; else the GPUs of the
+    cluster this process is connected to, or of the one `RAY_ADDRESS` names (connected to for the question, as the
+    run would be a moment later); else this machine's CUDA devices, which is what a local Ray start finds."""
+    if res.num_gpus is not None:
+        return res.num_gpus > 0
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            import torch
+
+            return torch.cuda.device_count() > 0
+        from pipeline.cluster.runtime import RayRuntime
+
+        RayRuntime().ensure()
+    return cluster_gpus() > 0
 
 
 def gpus_per_task(res: StageResources, stage: str) -> float:

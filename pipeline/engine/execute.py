@@ -74,7 +74,7 @@ def services(cfg: Config, items: list[PlanItem], out: Output) -> Iterator[Servic
     try:
         if any(it.run and it.stage.uses_ray for it in items):  # before any work: can every node share store and tracking?
             ray.ensure()
-            preflight(cfg, store, uri)
+            preflight(cfg, store, uri, inputs=any(it.run and it.stage.reads_inputs for it in items))
         commit, job = git_commit(), submission_id()
         tags = {"llmpipe.config": cfg.name, **({"mlflow.source.git.commit": commit} if commit else {}),
                 **({"ray.job_submission_id": job} if job else {})}
@@ -105,13 +105,11 @@ def execute(cfg: Config, items: list[PlanItem], stages: list[Stage], *, echo: Ec
             for it in items:
                 # the lock is held until the stage is committed; claim() says when another run committed it meanwhile
                 if not it.run or sv.locks.claim(it.stage.name, it.fingerprint, forced=it.forced):
-                    manifests[it.stage.name] = _replay_cached(cfg, it, manifests, sv)
-                    summary.append(notes.stage_line(it.stage.name, manifests[it.stage.name].get("metrics", {}),
-                                                    duration_s=None))
+                    m = manifests[it.stage.name] = _replay_cached(cfg, it, sv)
+                    summary.append(notes.stage_line(it.stage.name, m.get("metrics", {}), duration_s=None))
                     continue
                 child = sv.tracker.start_child(it.stage.name, _params(cfg, it), {**_tags(it, sv), "cache": "miss"})
-                manifests[it.stage.name] = _run_stage(cfg, it, child, manifests, sv)
-                m = manifests[it.stage.name]
+                m = manifests[it.stage.name] = _run_stage(cfg, it, child, sv)
                 summary.append(notes.stage_line(it.stage.name, m.get("metrics", {}), duration_s=m.get("duration_s")))
                 child = ""
             sv.tracker.set_tags(parent, {notes.NOTE_TAG: notes.parent_note(
@@ -134,7 +132,7 @@ def _tags(it: PlanItem, sv: Services) -> dict[str, str]:
     return {**sv.tags, "fingerprint": it.fingerprint, "artifact_uri": sv.store.stage_uri(it.stage.name, it.fingerprint)}
 
 
-def _replay_cached(cfg: Config, it: PlanItem, manifests: dict[str, dict[str, Any]], sv: Services) -> dict[str, Any]:
+def _replay_cached(cfg: Config, it: PlanItem, sv: Services) -> dict[str, Any]:
     """A cached stage still gets a child run: tagged `cache: hit`, with the metrics, the inputs and the id of the run
     that built it."""
     name = it.stage.name
@@ -143,39 +141,37 @@ def _replay_cached(cfg: Config, it: PlanItem, manifests: dict[str, dict[str, Any
     source = m.get("mlflow_run_id") or ""
     child = sv.tracker.start_child(name, _params(cfg, it), {**_tags(it, sv), "cache": "hit", "source_run_id": source})
     sv.tracker.log_metrics(child, m.get("metrics", {}))
-    inputs = _upstreams(it, manifests, sv.store, strict=False)
-    _describe(child, it, inputs, m.get("metrics", {}), sv, source_run=source)
+    upstreams = {n: (up, um) for n, up in it.upstream.items() if (um := sv.store.manifest(n, up)) is not None}
+    _describe(child, it, upstreams, m.get("metrics", {}), sv, source_run=source)
     sv.tracker.end(child)
     sv.echo(f"[{name}] cached {it.fingerprint[:16]}")
     return m
 
 
-def _describe(child: str, it: PlanItem, inputs: dict[str, Upstream], metrics: dict[str, Any], sv: Services, *,
-              duration_s: float | None = None, source_run: str | None = None) -> None:
-    """The child run's dataset inputs (its upstream stages) and its description."""
+def _describe(child: str, it: PlanItem, upstreams: dict[str, tuple[str, dict[str, Any]]], metrics: dict[str, Any],
+              sv: Services, *, duration_s: float | None = None, source_run: str | None = None) -> None:
+    """The child run's dataset inputs (its upstream stages: {name: (fingerprint, manifest)}) and its description."""
     s, uri = it.stage, sv.store.stage_uri(it.stage.name, it.fingerprint)
-    sv.tracker.log_inputs(child, notes.datasets(inputs, s.input_context, sv.store.stage_uri, first=s.main_input))
+    sv.tracker.log_inputs(child, notes.datasets(upstreams, s.input_context, sv.store.stage_uri, first=s.main_input))
     log = sv.out.log_dir / f"{s.name}.log" if sv.out.log_dir and duration_s is not None else None
     sv.tracker.set_tags(child, {notes.NOTE_TAG: notes.stage_note(
-        s.name, fingerprint=it.fingerprint, uri=uri, metrics=metrics, inputs=inputs, duration_s=duration_s, log=log,
-        source_run=source_run)})
+        s.name, fingerprint=it.fingerprint, uri=uri, metrics=metrics, upstreams=upstreams, duration_s=duration_s,
+        log=log, source_run=source_run)})
 
 
-def _upstreams(it: PlanItem, manifests: dict[str, dict[str, Any]], store: ArtifactStore, *,
-               strict: bool = True) -> dict[str, Upstream]:
-    """The committed upstreams; a missing one is an error, or (`strict=False`, describing a cached stage) left out."""
+def _upstreams(it: PlanItem, store: ArtifactStore) -> dict[str, Upstream]:
+    """The committed upstreams, each pinned to the commit read here (leased locally, for this driver's life): every
+    task of the stage reads those files even if another invocation rebuilds an upstream meanwhile."""
     inputs = {}
     for n, up in it.upstream.items():
-        m = manifests.get(n) or store.manifest(n, up)
-        if m is None and not strict:
-            continue
-        if m is None:
+        commit = store.open(n, up)
+        if commit is None:
             raise WorkflowError(f"{it.stage.name}: upstream {n} ({up[:16]}) is not committed")
-        inputs[n] = Upstream(n, up, store.ref(n, up), m)
+        inputs[n] = Upstream(n, up, store.ref(n, up, commit), commit.manifest)
     return inputs
 
 
-def _run_stage(cfg: Config, it: PlanItem, child: str, manifests: dict[str, dict[str, Any]], sv: Services) -> dict[str, Any]:
+def _run_stage(cfg: Config, it: PlanItem, child: str, sv: Services) -> dict[str, Any]:
     """Build one stage in its working folder and commit it (`_COMPLETE.json` last); returns its manifest."""
     s, store = it.stage, sv.store
     uri = store.stage_uri(s.name, it.fingerprint)
@@ -183,10 +179,11 @@ def _run_stage(cfg: Config, it: PlanItem, child: str, manifests: dict[str, dict[
     with sv.out.stage(s.name) as progress:  # library output into the stage's log, a live progress on the terminal
         if s.uses_ray:
             sv.ray.ensure()
-        inputs = _upstreams(it, manifests, store)
+        inputs = _upstreams(it, store)
+        # a forced rebuild of a committed folder writes a new generation beside it (see pipeline.engine.generations)
         workdir = store.working_dir(s.name, it.fingerprint, keep_partial=s.resumable and not it.forced)
-        ctx = StageContext(cfg, s.name, it.fingerprint, it.section, workdir, uri, inputs, sv.tracker, child,
-                           store.ref(s.name, it.fingerprint), progress)
+        ctx = StageContext(cfg, s.name, it.fingerprint, it.section, workdir, store.output_uri(s.name, it.fingerprint, workdir),
+                           inputs, sv.tracker, child, store.output_ref(s.name, it.fingerprint, workdir), progress)
         t0 = time.time()
         faults.maybe_fail("stage", s.name)  # drills and tests: LLMPIPE_FAULTS=stage:<name>:pause|exit|raise
         metrics = s.run(ctx) or {}
@@ -199,7 +196,7 @@ def _run_stage(cfg: Config, it: PlanItem, child: str, manifests: dict[str, dict[
         store.remember(cfg.experiment_name, s.name, it.fingerprint)
         sv.locks.release()
         sv.tracker.log_metrics(child, {**metrics, "duration_s": dt})
-        _describe(child, it, inputs, metrics, sv, duration_s=dt)
+        _describe(child, it, {n: (u.fingerprint, u.manifest) for n, u in inputs.items()}, metrics, sv, duration_s=dt)
         sv.tracker.end(child)
     sv.echo(f"[{s.name}] committed in {dt:.1f}s " + " ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:8]))
     return manifest

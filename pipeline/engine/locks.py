@@ -15,32 +15,30 @@ one while a process waits on it would let a third process lock a new file.
 Scope: a local root, or a shared filesystem whose `flock` works across
 machines (NFSv4, Lustre, CephFS); where the filesystem has no locks at all
 the stage runs unlocked after a warning. Object stores have no lock
-primitive: for a remote root the lock file is local
-(`<tmp>/llmpipe-locks/<store hash>/`), which serialises the runs of one
-machine only. Runs on several machines against one bucket may build a stage
-twice; each uploads complete files and writes its marker last, so a
-deterministic stage (tokenizer, prepare) ends complete and correct, but the
-files of two training runs could mix: run one invocation per experiment at a
-time there.
+primitive: for a remote root the lock file is in this user's private folder
+on this machine (`<node cache>/locks/<store hash>/`, see
+`pipeline.engine.nodecache`: 0700, not a shared /tmp path another user could
+plant files in), which serialises this user's runs on one machine only. Runs
+on several machines against one bucket may build a stage twice; each uploads
+complete files and writes its marker last, so a deterministic stage
+(tokenizer, prepare) ends complete and correct, but the files of two training
+runs could mix: run one invocation per experiment at a time there.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.engine.store import SHORT, ArtifactStore
+from pipeline.engine.leases import NO_LOCKS
+from pipeline.engine.nodecache import private_dir, store_key
+from pipeline.engine.store import SHORT, ArtifactStore, open_lock_file
 from pipeline.errors import StoreError
-
-NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a filesystem without flock
 
 
 class StageLocks:
@@ -52,7 +50,7 @@ class StageLocks:
         if store.is_local:
             self.folder = Path(store.base) / "_locks"
         else:
-            self.folder = Path(tempfile.gettempdir()) / "llmpipe-locks" / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+            self.folder = private_dir() / "locks" / store_key(store.uri)
         try:  # the first write into the store: an unwritable root is reported here, before Ray or MLflow start
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -65,11 +63,7 @@ class StageLocks:
         """Take the stage's lock, waiting while another run holds it. True when the stage turned out
         committed by another run (the lock is then given back): the caller takes it as cached."""
         path = self.path(stage, fingerprint)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StoreError(f"cannot create lock file {path}: {e.strerror}") from None
+        fd = open_lock_file(path)
         try:
             waited = self._lock(fd, path, stage)
             os.ftruncate(fd, 0)

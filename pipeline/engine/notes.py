@@ -13,18 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.engine.stage import Upstream
-
 NOTE_TAG = "mlflow.note.content"
 KEY_METRICS = 8  # as many as the `[stage] committed` line shows
 
 
-def datasets(inputs: dict[str, Upstream], context: str, stage_uri: Any, *, first: str | None = None) -> list[dict[str, Any]]:
+Upstreams = dict[str, tuple[str, dict[str, Any]]]  # an upstream stage -> (its fingerprint, its manifest)
+
+
+def datasets(upstreams: Upstreams, context: str, stage_uri: Any, *, first: str | None = None) -> list[dict[str, Any]]:
     """One dataset input per upstream stage (`stage_uri(name, fingerprint)` gives its folder), `first` first: the
     runs table shows the first one and counts the others."""
-    ordered = sorted(inputs.values(), key=lambda up: up.name != first)
-    return [{"name": up.name, "digest": up.fingerprint[:16], "source": stage_uri(up.name, up.fingerprint),
-             "profile": _numbers(up.manifest.get("metrics", {})), "context": context} for up in ordered]
+    ordered = sorted(upstreams.items(), key=lambda item: item[0] != first)
+    return [{"name": name, "digest": fp[:16], "source": stage_uri(name, fp), "profile": _numbers(m.get("metrics", {})),
+             "context": context} for name, (fp, m) in ordered]
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, int | float]:
@@ -41,17 +42,17 @@ def _numbers_line(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in shown) if shown else "no metrics"
 
 
-def _inputs_line(inputs: dict[str, Upstream]) -> str:
-    return ", ".join(f"{u.name} `{u.fingerprint[:16]}`" for u in inputs.values()) or "none (the raw inputs)"
+def _inputs_line(upstreams: Upstreams) -> str:
+    return ", ".join(f"{name} `{fp[:16]}`" for name, (fp, _) in upstreams.items()) or "none (the raw inputs)"
 
 
-def stage_note(stage: str, *, fingerprint: str, uri: str, metrics: dict[str, Any], inputs: dict[str, Upstream],
+def stage_note(stage: str, *, fingerprint: str, uri: str, metrics: dict[str, Any], upstreams: Upstreams,
                duration_s: float | None = None, log: Path | None = None, source_run: str | None = None) -> str:
     """A ran stage (`duration_s`) or a cached one (`source_run`: the run that built it)."""
     head = (f"**{stage}** ran in {duration_s:.1f} s" if duration_s is not None
             else f"**{stage}** was cached: reused, not rerun" + (f" (built by run `{source_run}`)" if source_run else ""))
     lines = [f"{head}: {_numbers_line(metrics)}.", "", f"- folder: `{uri}` (fingerprint `{fingerprint[:16]}`)",
-             f"- inputs: {_inputs_line(inputs)}"]
+             f"- inputs: {_inputs_line(upstreams)}"]
     if log:
         lines.append(f"- log: `{log}`")
     return "\n".join(lines)

@@ -40,7 +40,7 @@ class StageContext:
     fingerprint: str
     section: dict[str, Any]
     out_dir: Path  # where the stage writes (local)
-    out_uri: str  # the stage folder in the store (a URI for remote stores)
+    out_uri: str  # where its files go in the store: its new generation (local stores) or the stage folder's URI
     inputs: dict[str, Upstream]
     tracker: Any
     run_id: str
@@ -57,6 +57,7 @@ class Stage:
     run: Callable[[StageContext], dict[str, float]]
     resumable: bool = False  # keep a partial folder (training resumes from its checkpoints)
     uses_ray: bool = True
+    reads_inputs: bool = False  # reads data.inputs on Ray nodes: the cluster pre-flight checks every node sees them
     params: Callable[[Config], dict[str, Any]] | None = None  # logged to MLflow (default: section)
     input_context: str = "input"  # what its upstreams are to it, in MLflow's dataset inputs ("training", ...)
     main_input: str | None = None  # the upstream it reads as data: listed first, so MLflow's Datasets column shows it

@@ -109,6 +109,6 @@ def run(ctx: StageContext) -> dict[str, float]:
             "mean_token_log_likelihood": sum(r["log_likelihood"] for r in rows) / max(1, new_tokens)}
 
 
-STAGE = Stage(name="decode", needs=("tokenizer", "train"), section=_section, version=2, run=run,
+STAGE = Stage(name="decode", needs=("tokenizer", "train"), section=_section, version=3, run=run,
               input_context="inference", main_input="train",
               params=lambda cfg: as_dict(cfg.decode))

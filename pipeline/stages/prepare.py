@@ -1,8 +1,9 @@
 """Stage `prepare`: Ray tasks tokenize the corpus into Arrow shards + `shards.json`.
 
 The driver plans shards from file sizes alone: files are cut into pieces (big
-`.jsonl` files into byte ranges on line boundaries) and contiguous pieces are
-grouped into shards of about `data.shard_size_mb`. The plan, and so every byte
+`.jsonl` and `.parquet` files into byte ranges owning the lines or row groups
+that start in them) and contiguous pieces are grouped into shards of about
+`data.shard_size_mb`. The plan, and so every byte
 written, depends only on the inputs and the fingerprinted config, never on how
 many tasks (`data.num_tasks`) or workers run it: each task takes whole shards.
 
@@ -13,6 +14,9 @@ the second pass drops the rest while tokenizing. Each shard becomes
 its content hash falls below `data.val_fraction`), written under a temporary
 name and renamed. Skipped records are counted by reason in `shards.json` and
 listed with file:line in `skipped.jsonl`; a length histogram goes to MLflow.
+Files of other types in an input folder are named in one warning line and
+counted (`ignored_files`). The inputs enter the fingerprint by stable name and
+content (`tokenization.inputs.input_identity`), not by path or mtime.
 """
 
 from __future__ import annotations
@@ -34,7 +38,12 @@ from pipeline.terminal import Progress
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
 from tokenization.corpus import plan_shards
 from tokenization.documents import LENGTH_EDGES, duplicate_indices
-from tokenization.inputs import InputError, input_identity, resolve_inputs
+from tokenization.inputs import (
+    InputError,
+    describe_ignored,
+    input_identity,
+    resolve_inputs,
+)
 
 
 def _section(cfg: Config) -> dict[str, Any]:
@@ -55,7 +64,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     d = cfg.data
     tok = ctx.inputs["tokenizer"]
     opts = cfg.data.doc_options()
-    shards = plan_shards(resolve_inputs(d.inputs), max(1, int(d.shard_size_mb * 2**20)))
+    ignored: Counter = Counter()
+    shards = plan_shards(resolve_inputs(d.inputs, ignored), max(1, int(d.shard_size_mb * 2**20)))
+    if ignored:  # a folder's other files are not inputs; say which, so a format we do not read is not lost silently
+        ctx.progress.note(f"warning: {describe_ignored(ignored)}")  # `[prepare] warning: ...` on the terminal
     groups = _shard_groups(len(shards), d.num_tasks)
     res = cfg.resources.prepare
     options = task_options(res, "prepare", max_retries=d.max_retries,
@@ -75,7 +87,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     results = _gather([task.remote(shards_ref, g, [drops[i] for i in g], kw, tok.ref, ctx.output, res.num_cpus)
                        for g in groups], groups, sizes, ctx.progress, "tokenized", t0)
     per_shard = [r for part in results for r in part]
-    return _finish(ctx, per_shard, str(tok.file("tokenizer.json")))
+    return _finish(ctx, per_shard, str(tok.file("tokenizer.json")), sum(ignored.values()))
 
 
 def _gather(refs: list, groups: list[list[int]], sizes: list[int], progress: Progress, verb: str, t0: float) -> list:
@@ -97,7 +109,7 @@ def _gather(refs: list, groups: list[list[int]], sizes: list[int], progress: Pro
     return results
 
 
-def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str) -> dict[str, float]:
+def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str, ignored: int) -> dict[str, float]:
     d = ctx.config.data
     skipped, filtered = Counter(), Counter()
     hist = np.zeros(len(LENGTH_EDGES), dtype=np.int64)
@@ -127,7 +139,7 @@ def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str) -
     all_bytes = totals["train"]["text_bytes"] + totals["val"]["text_bytes"]
     all_tokens = totals["train"]["tokens"] + totals["val"]["tokens"]
     metrics = {"shards": float(len(per_shard)), "docs": float(n_docs), "bytes": float(all_bytes), "tokens": float(all_tokens),
-               "tokens_per_byte": all_tokens / max(1, all_bytes)}
+               "tokens_per_byte": all_tokens / max(1, all_bytes), "ignored_files": float(ignored)}
     for split in ("train", "val"):
         metrics.update({f"{split}_{k}": float(v) for k, v in totals[split].items()})
     metrics.update({f"skipped_{k}": float(v) for k, v in skipped.items()})
@@ -158,5 +170,5 @@ def _plot_lengths(path: Path, hist: np.ndarray) -> None:
     img.save(path, format="PNG")
 
 
-STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=3, run=run,
+STAGE = Stage(name="prepare", needs=("tokenizer",), section=_section, version=4, run=run, reads_inputs=True,
               params=lambda cfg: as_dict(cfg.data))

@@ -1,12 +1,13 @@
 """Stage `tokenizer`: train a byte-level BPE on the corpus (or load one) -> tokenizer.json.
 
-The BPE trains on a deterministic sample spread over the whole corpus: a
-document is taken when its content hash falls below
-`max_train_bytes / corpus bytes`, until `max_train_bytes` are collected. It
-sees the documents `prepare` will see (same bad-input policy, normalisation
-and filters) and runs as one Ray task. The input files' identity (path,
-size, mtime) is part of the fingerprint; a given tokenizer is identified by
-its bytes instead.
+The BPE trains on a deterministic sample spread over the whole corpus: parts
+of files (blocks of a `.jsonl` or `.parquet`, whole text files, the start of a
+compressed file) are drawn with probability `max_train_bytes / corpus bytes`
+and only those are read (`tokenization.sample`), until `max_train_bytes` are
+collected. It sees the documents `prepare` will see (same bad-input policy,
+normalisation and filters) and runs as one Ray task. The input files'
+identity (stable name and sha256, `tokenization.inputs.input_identity`) is
+part of the fingerprint; a given tokenizer is identified by its bytes instead.
 """
 
 from __future__ import annotations
@@ -65,5 +66,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="tokenizer", needs=(), section=_section, version=2, run=run,
+STAGE = Stage(name="tokenizer", needs=(), section=_section, version=3, run=run, reads_inputs=True,
               params=lambda cfg: {"tokenizer": cfg.tokenizer.model_dump(mode="json"), "inputs": cfg.data.inputs})

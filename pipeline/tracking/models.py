@@ -4,7 +4,12 @@
 `model.json` and `tokenizer.json` to an existing run as a pyfunc model whose
 `predict` takes a DataFrame (or a dict of columns) with a `prompt` column and
 optional `max_new_tokens` and `temperature` columns, and returns one completion
-per row. The model carries its own code (`model/`, `tokenization/`, `pipeline/` as code paths)
+per row. It is logged as MLflow's *models from code*: the logged model holds the
+file `served_model.py`, which MLflow runs to build a `GenerationModel`, so loading
+or serving it unpickles nothing. A request may ask for at most
+`max_new_tokens_limit` new tokens per row (set when it is logged; by default the
+model's context), so one request cannot make the server allocate an unbounded KV
+cache. The model carries its own code (`model/`, `tokenization/`, `pipeline/` as code paths)
 and needs only torch, tokenizers and safetensors to run, so a server started with
 `mlflow models serve -m <uri> --env-manager local --host 127.0.0.1` loads it
 without the rest of the pipeline. Like everything that speaks to MLflow it lives in
@@ -13,6 +18,7 @@ without the rest of the pipeline. Like everything that speaks to MLflow it lives
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from pipeline.artifacts import MODEL_FILES
 from tokenization.bpe import EOS
 
 _REPO = Path(__file__).resolve().parents[2]
+_MODEL_CODE = Path(__file__).with_name("served_model.py")  # what MLflow runs to build the served model
 
 
 class GenerationModel(mlflow.pyfunc.PythonModel):
@@ -46,26 +55,23 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
                 shutil.copyfile(p, folder / name)
         self.model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = Tokenizer.from_file(str(paths["tokenizer.json"]))
-        self.settings = {**_defaults(), **(context.model_config or {})}
+        limit = self.model.config.max_seq_len  # models logged without a limit: the context
+        self.settings = {**_defaults(limit), "max_new_tokens_limit": limit, **(context.model_config or {})}
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints here as a schema
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """model_input: a DataFrame or a dict of columns with `prompt` (+ optional max_new_tokens, temperature)
-        -> one completion (str) per row."""
-        import pandas as pd
-
+        -> one completion (str) per row. A DataFrame hint is one MLflow infers no schema from: the logged
+        signature stays the one `_signature` declares."""
         from model.generate import SamplingOptions
         from pipeline.completion import complete
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:
-            raise ValueError(f"input needs a 'prompt' column, got {list(df.columns)}")
+            raise MlflowException.invalid_parameter_value(f"input needs a 'prompt' column, got {list(df.columns)}")
         s = self.settings
         groups: dict[tuple[int, float], list[int]] = {}  # rows with the same options decode as one batch
         for i, row in enumerate(df.to_dict("records")):
-            n, t = row.get("max_new_tokens"), row.get("temperature")
-            key = (int(n) if pd.notna(n) else int(s["max_new_tokens"]), float(t) if pd.notna(t) else float(s["temperature"]))
-            if key[0] < 1 or key[1] < 0:
-                raise ValueError(f"row {i}: max_new_tokens must be >= 1 and temperature >= 0, got {key}")
+            key = self._row_options(i, row)
             groups.setdefault(key, []).append(i)
         prompts = [str(p) for p in df["prompt"]]
         out = [""] * len(prompts)
@@ -76,13 +82,30 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
                 out[i] = r["completion"]
         return out
 
+    def _row_options(self, i: int, row: dict[str, Any]) -> tuple[int, float]:
+        """(max_new_tokens, temperature) of row i, the settings where it leaves one out; refused out of bounds."""
+        s = self.settings
+        n, t = row.get("max_new_tokens"), row.get("temperature")
+        n = int(n) if pd.notna(n) else int(s["max_new_tokens"])
+        t = float(t) if pd.notna(t) else float(s["temperature"])
+        if n < 1 or t < 0:
+            raise MlflowException.invalid_parameter_value(
+                f"row {i}: max_new_tokens must be >= 1 and temperature >= 0, got {(n, t)}")
+        if n > s["max_new_tokens_limit"]:
+            raise MlflowException.invalid_parameter_value(
+                f"row {i}: max_new_tokens {n} exceeds this model's limit of {s['max_new_tokens_limit']} "
+                "(max_new_tokens_limit, set when the model was logged)")
+        return n, t
 
-def _defaults() -> dict[str, Any]:
-    """The served model's sampling defaults: those of `SamplingOptions`, declared there once."""
+
+def _defaults(limit: int | None = None) -> dict[str, Any]:
+    """The served model's sampling defaults: those of `SamplingOptions`, declared there once (a row that leaves
+    max_new_tokens out gets at most the limit)."""
     from model.generate import SamplingOptions
 
     d = SamplingOptions()
-    return {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature, "top_k": d.top_k}
+    n = d.max_new_tokens if limit is None else min(d.max_new_tokens, limit)
+    return {"max_new_tokens": n, "temperature": d.temperature, "top_k": d.top_k}
 
 
 def _signature() -> Any:
@@ -100,9 +123,10 @@ def _signature() -> Any:
 
 
 def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, registered_name: str | None = None,
-                         eos_token: str = EOS) -> str:
+                         eos_token: str = EOS, max_new_tokens_limit: int | None = None) -> str:
     """Log the model in `model_dir` (a train folder) to the existing run `run_id` as a pyfunc model named "model";
     register it as `registered_name` when given. Returns the model URI (`models:/<name>/<version>` when registered).
+    A request may ask for at most `max_new_tokens_limit` new tokens per row (default: the model's context).
     The run keeps its status: a RUNNING run (a stage still in progress) is left RUNNING."""
     from mlflow.tracking import MlflowClient
 
@@ -110,14 +134,19 @@ def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, reg
     missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir}: missing {', '.join(missing)}")
+    if max_new_tokens_limit is None:
+        max_new_tokens_limit = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["model_config"]["max_seq_len"]
+    if max_new_tokens_limit < 1:
+        raise ValueError(f"max_new_tokens_limit must be >= 1, got {max_new_tokens_limit}")
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
     with _fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=GenerationModel(), artifacts={f: str(model_dir / f) for f in MODEL_FILES},
+            name="model", python_model=str(_MODEL_CODE), artifacts={f: str(model_dir / f) for f in MODEL_FILES},
             code_paths=[str(_REPO / "model"), str(_REPO / "tokenization"), str(_REPO / "pipeline")], signature=_signature(),
             input_example={"prompt": ["\n"], "max_new_tokens": [1]},  # also checks at logging time that it predicts
-            model_config={"eos_token": eos_token, **_defaults()},
+            model_config={"eos_token": eos_token, **_defaults(int(max_new_tokens_limit)),
+                          "max_new_tokens_limit": int(max_new_tokens_limit)},
             pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas"])
     uri = info.model_uri
     if registered_name:

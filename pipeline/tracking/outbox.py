@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.tracking")  # one logger for all of tracking (its warnings are what users read)
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 PENDING = "pending-"
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}

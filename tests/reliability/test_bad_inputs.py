@@ -1,5 +1,7 @@
 """Bad inputs, injected for real: a 100 MB single line (text and JSONL), binary files under text names,
-folders and globs with no inputs, file names that are not UTF-8, and invalid UTF-8 among good JSONL lines.
+folders and globs with no inputs, file names that are not UTF-8, invalid UTF-8 among good JSONL lines, and
+records that used to escape as Python errors (200,000 nested brackets, a 5,000-digit number, a truncated
+Parquet file, a corrupted .jsonl.gz); and large compressed, Parquet and text files read in bounded memory.
 Each either stops before any work with one line naming the file (and line), or, under
 `data.on_error: skip` / `data.max_chars`, becomes exactly one counted skip listed with its file:line while
 its neighbours are kept. That is the point against the peers: Hugging Face `datasets` stores invalid UTF-8
@@ -8,6 +10,7 @@ from JSON silently, and Ray Data's skip mode drops a whole block with its good l
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -18,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -138,6 +142,151 @@ def test_a_long_document_is_tokenized_in_bounded_memory(tmp_path):
     assert grew < 75 * size, f"peak RSS grew by {grew >> 20} MiB for a {size >> 20} MiB document"
 
 
+# --- records that escaped on_error: skip as Python errors -------------------------------------------------
+
+def _skip_and_raise(path: Path) -> tuple[list[str], SkipLog, str]:
+    """The documents and skips under on_error=skip, and the one InputError line under raise."""
+    log = SkipLog()
+    docs = list(iter_documents(str(path), log=log))
+    with pytest.raises(InputError) as e:
+        list(iter_documents(str(path)))
+    assert "\n" not in str(e.value)
+    return docs, log, str(e.value)
+
+
+def test_a_line_of_200000_brackets_is_one_malformed_record_naming_its_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(b'{"text": "before"}\n' + b"[" * 200_000 + b'\n{"text": "after", "deep": ' + b"[" * 200_000
+                     + b"]" * 200_000 + b"}\n")  # a RecursionError in json, even when the JSON itself is valid
+    docs, log, error = _skip_and_raise(path)
+    assert docs == ["before"]
+    assert log.records == [{"where": f"{path}:2", "reason": "malformed_json"}, {"where": f"{path}:3", "reason": "malformed_json"}]
+    assert error == f"{path}:2: malformed JSON (nested too deeply)"
+
+
+def test_a_number_of_5000_digits_is_read_and_is_a_skip_only_where_the_text_should_be(tmp_path):
+    path = tmp_path / "digits.jsonl"
+    path.write_bytes(b'{"text": "kept", "id": ' + b"7" * 5000 + b'}\n{"text": ' + b"7" * 5000 + b"}\n")
+    docs, log, error = _skip_and_raise(path)
+    assert docs == ["kept"]  # Python's 4,300-digit limit on int() no longer fails a record over a field we ignore
+    assert log.records == [{"where": f"{path}:2", "reason": "not_a_string"}]
+    assert error == f"{path}:2: field 'text' is int, not a string"
+
+
+def test_a_truncated_parquet_file_and_a_damaged_row_group_are_counted_skips_naming_file_and_row_group(tmp_path):
+    texts = [f"row {i}: the king rides to the sea" for i in range(400)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "good.parquet", row_group_size=100, compression="none")
+    data = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])  # no footer: ArrowInvalid before any row
+    docs, log, error = _skip_and_raise(tmp_path / "cut.parquet")
+    assert docs == [] and log.records == [{"where": f"{tmp_path}/cut.parquet", "reason": "unreadable"}]
+    assert error.startswith(f"{tmp_path}/cut.parquet: cannot read (ArrowInvalid: Parquet magic bytes not found")
+
+    meta = pq.ParquetFile(tmp_path / "good.parquet").metadata
+    page = meta.row_group(2).column(0).data_page_offset  # the third row group's page header, footer intact
+    damaged = bytearray(data)
+    damaged[page: page + 16] = b"\xff" * 16
+    (tmp_path / "damaged.parquet").write_bytes(bytes(damaged))
+    docs, log, error = _skip_and_raise(tmp_path / "damaged.parquet")
+    assert docs == texts[:200] + texts[300:]  # the other row groups are read
+    assert log.records == [{"where": f"{tmp_path}/damaged.parquet: row group 2", "reason": "unreadable"}]
+    assert error.startswith(f"{tmp_path}/damaged.parquet: row group 2: cannot read from row 201 on (")
+
+
+def test_200_random_one_byte_corruptions_of_a_jsonl_gz_are_only_documents_and_counted_skips(tmp_path):
+    lines = [json.dumps({"text": f"Letter {i}: the queen writes to the king."}).encode() for i in range(2000)]
+    packed = gzip.compress(b"\n".join(lines) + b"\n", mtime=0)
+    rng, zlib_errors = random.Random(0), 0
+    for _ in range(200):
+        broken = bytearray(packed)
+        broken[rng.randrange(len(broken))] = rng.randrange(256)
+        path = tmp_path / "broken.jsonl.gz"
+        path.write_bytes(bytes(broken))
+        log = SkipLog()
+        docs = list(iter_documents(str(path), log=log))  # nothing escapes
+        assert all(map(_utf8, docs)) and all(r["where"].startswith(str(path)) for r in log.records)
+        try:
+            assert list(iter_documents(str(path))) == docs
+        except InputError as e:  # one line naming the file (and the first line lost)
+            assert str(e).startswith(str(path)) and "\n" not in str(e)
+            zlib_errors += "(zlib.error: " in str(e)
+    assert zlib_errors >= 20  # the case that used to escape as a zlib.error traceback is really reached
+
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    log = SkipLog()
+    docs = list(iter_documents(str(path), log=log))
+    n = len(docs)
+    assert 100 < n < 2000 and docs == [json.loads(line)["text"] for line in lines[:n]]  # what came before is kept
+    assert log.records == [{"where": f"{path}:{n + 1}", "reason": "unreadable"}]
+    with pytest.raises(InputError, match=rf"^{path}:{n + 1}: cannot read past line {n} \(EOFError: "):
+        list(iter_documents(str(path)))
+
+
+# --- large files in bounded memory -----------------------------------------------------------------------
+
+READ_ALL = r"""
+import collections, sys
+from tokenization.documents import DocOptions, documents
+from tokenization.inputs import resolve_inputs, split_file
+from tokenization.readers import SkipLog
+
+
+def peak():  # VmHWM, unlike ru_maxrss, starts afresh at exec: the parent's size does not hide the child's
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+
+def read(spec):
+    (f,) = resolve_inputs([spec])
+    n = chars = 0
+    for text in documents(split_file(f, 1 << 40), DocOptions(), SkipLog(), collections.Counter()):
+        n += 1
+        chars += len(text)
+    return n, chars
+
+
+read(sys.argv[1])  # a small file first: thread pools and allocator arenas are not what is measured
+before = peak()
+n, chars = read(sys.argv[2])
+print(n, chars, peak() - before)
+"""
+LETTER = "Letter {i}: the queen writes to the king of the castle by the sea, and the fool answers with a song. "
+
+
+def _write_large(path: Path, kind: str, docs: int) -> None:
+    """`docs` records (about 41 MB of text for 400,000), written out without holding them."""
+    if kind == ".parquet":
+        with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as w:
+            for start in range(0, docs, 40_000):  # row groups of about 4 MB of text
+                w.write_table(pa.table({"text": [LETTER.format(i=i) for i in range(start, min(docs, start + 40_000))]}))
+        return
+    with pa.output_stream(str(path), compression="gzip" if kind == ".jsonl.gz" else "zstd") as out:
+        for start in range(0, docs, 10_000):
+            out.write("".join(json.dumps({"text": LETTER.format(i=i)}) + "\n"
+                              for i in range(start, min(docs, start + 10_000))).encode())
+
+
+@pytest.mark.parametrize("kind", [".jsonl.gz", ".jsonl.zst", ".parquet"])
+def test_large_compressed_and_parquet_files_are_read_in_bounded_memory(tmp_path, kind):
+    docs = 400_000
+    _write_large(tmp_path / f"small{kind}", kind, 50_000)  # two row groups, one full
+    _write_large(tmp_path / f"large{kind}", kind, docs)
+    out = subprocess.run([sys.executable, "-c", READ_ALL, str(tmp_path / f"small{kind}"), str(tmp_path / f"large{kind}")],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
+    n, chars, grew = map(int, out.stdout.split())
+    assert n == docs and chars > 40_000_000  # about 41 MB of text, read whole
+    assert grew < 16 << 20, f"peak RSS grew by {grew >> 20} MiB reading {chars >> 20} MiB of text"  # a chunk or row group
+
+
+def test_a_text_file_far_over_max_chars_is_read_only_that_far(tmp_path):
+    path = tmp_path / "huge.txt"
+    path.write_bytes(UNIT * (50_000_000 // len(UNIT)))
+    filtered: Counter = Counter()
+    docs, peak = _peak_bytes(lambda: list(documents([_whole(path)], DocOptions(max_chars=100_000), SkipLog(), filtered)))
+    assert docs == [] and filtered == Counter({"too_long": 1})
+    assert peak < 2_000_000, f"peak {peak >> 20} MiB for a 50 MB file over max_chars of 100,000"  # ~4 bytes a character
+
+
 # --- binary files ----------------------------------------------------------------------------------------
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
@@ -178,12 +327,14 @@ def _no_inputs(tmp_path: Path, case: str) -> tuple[str, str]:
     """(the input spec, the tail of the expected message) for each way of naming no input file."""
     if case == "empty-folder":
         (tmp_path / "empty").mkdir()
-        return str(tmp_path / "empty"), "matches no files: the folder holds no .txt, .md, .jsonl, .jsonl.gz, .parquet files"
+        return str(tmp_path / "empty"), ("matches no files: the folder holds no .txt, .md, .jsonl, .jsonl.gz, .jsonl.zst, "
+                                         ".json, .parquet files")
     if case == "folder-of-other-files":
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "notes.csv").write_text("a,b\n")
         (tmp_path / "other" / "figure.png").write_bytes(PNG)
-        return str(tmp_path / "other"), "matches no files: the folder holds no .txt, .md, .jsonl, .jsonl.gz, .parquet files"
+        return str(tmp_path / "other"), ("matches no files: the folder holds no .txt, .md, .jsonl, .jsonl.gz, .jsonl.zst, "
+                                         ".json, .parquet files (it holds 1 .csv, 1 .png)")
     if case == "glob-matching-nothing":
         (tmp_path / "data").mkdir()
         (tmp_path / "data" / "a.txt").write_text("a play")
@@ -336,6 +487,9 @@ def test_a_100mb_line_through_tokenizer_and_prepare_is_counted_too_long_or_named
         f.seek(len(b'{"text": "a short letter"}\n') + 50_000_000)
         f.write(b"\xff")
     capsys.readouterr()
-    assert cli.main(["run", str(cfg), "--only", "tokenizer"]) == 2
+    # The tokenizer's sample reads only the parts of files it draws, and it does not draw the block where line 2
+    # starts (tokenization.sample): prepare, which reads everything, is the one to find the bad byte.
+    assert cli.main(["run", str(cfg), "--only", "tokenizer"]) == 0
+    assert cli.main(["run", str(cfg), "--only", "prepare"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"llmpipe: error: {corpus}/letters.jsonl:2: invalid UTF-8 at byte 50000000 of the line"

@@ -2,12 +2,18 @@
 run` against one Ray cluster) reach the same stage while the first is still building it. The second says
 whom it waits for, waits, and takes the committed stage as cached; the stage is built and committed once and
 its files are intact. A holder that is killed mid-stage releases its lock with its process, and the waiter
-builds the stage itself, without the dead run's leftovers (see `pipeline.locks`)."""
+builds the stage itself, without the dead run's leftovers (see `pipeline.locks`). A reader of a committed
+stage (a process that opened the prepared data as the training workers do) keeps reading the files it opened
+while another invocation force-rebuilds that stage and commits it; and concurrent updates of the experiment's
+pointer file (`remember`) for different stages all survive."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +29,7 @@ from pipeline.config import parse_config
 from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan
 from pipeline.engine.stage import Stage, StageContext
-from pipeline.engine.store import MARKER, ArtifactStore
+from pipeline.engine.store import MARKER, ArtifactStore, StageRef
 from pipeline.stages import STAGES
 from tests.conftest import tiny_raw
 from tokenization.bpe import load_tokenizer
@@ -169,3 +175,104 @@ def test_two_cli_runs_of_one_config_build_the_tokenizer_once(ray_local, corpus_d
     assert [f["path"] for f in manifest["files"]] == ["tokenizer.json"]
     assert sorted(p.name for p in folder.iterdir()) == [MARKER, "tokenizer.json"]  # intact, nothing else
     assert load_tokenizer(folder).get_vocab_size() == manifest["metrics"]["vocab_size"]
+
+
+# --- a reader of a committed stage and a forced rebuild of it -------------------------------------------
+
+def _reader(ref: dict, control: str) -> None:
+    """Open the prepared data as a training worker does (`StageRef.local()`), then, each time the test asks
+    (`read-N`), read every file the committed manifest lists and record their digests (or the error)."""
+    control_dir = Path(control)
+    folder = StageRef(**ref).local()
+    listed = [f["path"] for f in json.loads((folder / MARKER).read_text())["files"]]
+    n = 0
+    while not (control_dir / "stop").exists():
+        if (control_dir / f"read-{n}").exists():
+            try:
+                result = {"folder": str(folder), "digest": {p: hashlib.sha256((folder / p).read_bytes()).hexdigest()
+                                                            for p in listed}}
+            except OSError as e:
+                result = {"folder": str(folder), "error": f"{type(e).__name__}: {e}"}
+            (control_dir / f"result-{n}.json").write_text(json.dumps(result))
+            n += 1
+        time.sleep(0.02)
+
+
+def _read(control: Path, n: int) -> dict:
+    (control / f"read-{n}").touch()
+    _wait_for(lambda: (control / f"result-{n}.json").exists(), f"the reader's read {n}")
+    return json.loads((control / f"result-{n}.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_reader_of_a_committed_stage_keeps_its_files_while_a_forced_rebuild_commits_it(prepared_store, ray_local,
+                                                                                        corpus_dir, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(prepared_store, root, symlinks=True)
+    raw = tiny_raw(corpus_dir, root)
+    raw["tracking"] = {"enabled": False}
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = parse_config(raw)
+    store = ArtifactStore(cfg.store.root)
+    (item,) = [it for it in plan(cfg, store, STAGES) if it.stage.name == "prepare"]
+    assert item.state == "cached"
+    old = store.manifest("prepare", item.fingerprint)
+
+    control = tmp_path / "control"
+    control.mkdir()
+    reader = multiprocessing.get_context("spawn").Process(
+        target=_reader, args=({"root": store.location, "stage": "prepare", "fingerprint": item.fingerprint}, str(control)))
+    reader.start()
+    rebuild: subprocess.Popen | None = None
+    try:
+        before = _read(control, 0)
+        assert "error" not in before and before["digest"]
+        env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+               "LLMPIPE_FAULTS": "stage:prepare:pause", "LLMPIPE_FAULTS_DIR": str(tmp_path)}
+        with open(tmp_path / "rebuild.out", "w") as out:  # the child keeps its own copy of the descriptor
+            rebuild = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg_path), "--only", "prepare"],
+                                       cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _wait_for(lambda: (tmp_path / "llmpipe-fault-stage-prepare").exists(), "the rebuild to start building prepare")
+        assert _read(control, 1) == before  # mid-rebuild: every file the reader opened is still there, unchanged
+        (tmp_path / "llmpipe-release-stage-prepare").touch()
+        assert rebuild.wait(300) == 0, _text(tmp_path / "rebuild.out")
+        assert "[prepare] committed in" in _text(tmp_path / "rebuild.out")
+        new = store.manifest("prepare", item.fingerprint)
+        assert new["committed_at"] > old["committed_at"]  # the rebuild committed
+        assert _read(control, 2) == before  # after the commit the reader still reads what it opened
+        assert store.collect("prepare", item.fingerprint) == []  # held by the reader: never removed
+    finally:
+        (control / "stop").touch()
+        (tmp_path / "llmpipe-release-stage-prepare").touch()
+        reader.join(60)
+        if rebuild is not None and rebuild.poll() is None:  # a failed assertion: never leave the rebuild behind
+            rebuild.kill()
+            rebuild.wait(60)
+    assert reader.exitcode == 0
+    assert store.collect("prepare", item.fingerprint) == [before["folder"]]  # its last reader gone: removed
+    assert not Path(before["folder"]).exists() and store.manifest("prepare", item.fingerprint) == new
+
+
+# --- the experiment's pointer file, updated by concurrent runs ------------------------------------------
+
+def _remember_many(root: str, prefix: str, n: int, control: str) -> None:
+    store = ArtifactStore(root)
+    (Path(control) / f"ready-{prefix}").touch()
+    _wait_for(lambda: (Path(control) / "go").exists(), "the start signal")
+    for i in range(n):
+        store.remember("exp", f"{prefix}{i}", f"{i:064x}")
+
+
+def test_concurrent_updates_of_the_run_pointer_for_different_stages_all_survive(tmp_path):
+    root, n = str(tmp_path / "store"), 300
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_remember_many, args=(root, prefix, n, str(tmp_path))) for prefix in ("a", "b")]
+    for p in procs:
+        p.start()
+    _wait_for(lambda: (tmp_path / "ready-a").exists() and (tmp_path / "ready-b").exists(), "both writers to be ready")
+    (tmp_path / "go").touch()  # both start at once
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert ArtifactStore(root).last_fingerprints("exp") == {f"{prefix}{i}": f"{i:064x}" for prefix in "ab" for i in range(n)}

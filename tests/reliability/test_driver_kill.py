@@ -141,7 +141,7 @@ def test_a_driver_killed_in_prepare_train_and_evaluate_resumes_to_the_uninterrup
     assert _committed(store) == {"tokenizer"}  # prepare's partial shards are not a commit
 
     def mid_training(out: str) -> bool:  # training holds after its step-6 checkpoint (a `pause` fault), then dies
-        return bool(glob.glob(f"{store}/train/*/ray_train/step_00000006/_CHECKPOINT.json"))
+        return len(glob.glob(f"{store}/train/*/ray_train/step_00000006/_CHECKPOINT.rank*.json")) == 2  # both ranks
 
     out = _run_and_kill(config, tmp_path, mid_training, faults="train.step:6:pause")
     assert not glob.glob(f"{store}/train/*/_COMPLETE.json")
@@ -149,7 +149,7 @@ def test_a_driver_killed_in_prepare_train_and_evaluate_resumes_to_the_uninterrup
     assert "incomplete folder: will redo" in _plan(out, "prepare")
     assert _committed(store) == {"tokenizer", "prepare"}
     checkpoints = {int(Path(p).parent.name.removeprefix("step_"))
-                   for p in glob.glob(f"{store}/train/*/ray_train/step_*/_CHECKPOINT.json")}
+                   for p in glob.glob(f"{store}/train/*/ray_train/step_*/_CHECKPOINT.rank1.json")}
 
     out = _run_and_kill(config, tmp_path, lambda out: "[evaluate] running" in out)
     assert "incomplete folder: will resume" in _plan(out, "train")

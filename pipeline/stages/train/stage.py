@@ -2,17 +2,27 @@
 
 The driver only builds the trainer: `ScalingConfig` from `train.num_workers`
 (GPUs when the cluster has them), `RunConfig(storage_path=<stage folder>,
-failure_config=FailureConfig(max_failures))`. Ray Train keeps the reported
-checkpoints (every rank's ZeRO shards merged into one folder per step) under
-`<stage folder>/ray_train/`; a worker failure or a rerun of this stage after a
-crash restores the newest one (the folder is kept because the stage is
-resumable). The final checkpoint carries the consolidated `model.safetensors` +
-`model.json`, copied to the top of the stage folder with the tokenizer, which
-is all `evaluate` and `decode` need.
+failure_config=FailureConfig(max_failures))`. Each rank's checkpoint files land
+in `<stage folder>/ray_train/step_NNNNNNNN/` with a marker per rank; a worker
+failure or a rerun of this stage after a crash resumes from the newest
+checkpoint that verifies (see `checkpoints`; the folder is kept because the
+stage is resumable). The final checkpoint carries the consolidated
+`model.safetensors` + `model.json`, copied to the top of the stage folder with
+the tokenizer, which is all `evaluate` and `decode` need; the final metrics are
+read from its `train_state.json`, so a rerun that resumes from the final
+checkpoint (killed after training, before the commit) commits them too.
+
+The fingerprint section holds the model and the `train` fields that change the
+weights, with `train.precision` replaced by what it resolves to and the device
+kind beside it (`hardware` says how they are resolved on the driver, before Ray
+starts), so a model trained in fp32 on CPUs is never reused for a bf16 GPU run.
+`train.num_workers` stays out: the workers see the same samples and schedule,
+and the result is equal up to floating-point reduction order.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +31,10 @@ from typing import Any
 from pipeline import faults
 from pipeline.cluster.resources import train_scaling
 from pipeline.engine.stage import Stage, StageContext
-from pipeline.errors import TrainingError, UserError, user_cause
+from pipeline.errors import ConfigError, TrainingError, UserError, user_cause
 from pipeline.schema import Config, as_dict, fingerprint_view
-from pipeline.stages.train.checkpoints import check_resume_layout
+from pipeline.stages.train.checkpoints import check_resume_layout, verify_checkpoint
+from pipeline.stages.train.hardware import TrainHardware, resolve_hardware
 from pipeline.stages.train.init_from import (
     check_init_compatible,
     init_config,
@@ -37,11 +48,24 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
     return {**cfg.model.model_config_fields(), "vocab_size": vocab_size}
 
 
-def _section(cfg: Config) -> dict[str, Any]:
-    train = fingerprint_view(cfg.train)
+def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
+    """What changes the weights: the model, the train fields, and the precision and device kind they train in."""
+    train = {**fingerprint_view(cfg.train), "precision": hw.precision, "device": hw.device}
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
     return {"model": fingerprint_view(cfg.model), "train": train}
+
+
+def _section(cfg: Config) -> dict[str, Any]:
+    return section_for(cfg, resolve_hardware(cfg))
+
+
+def _check_device(ctx: StageContext, use_gpu: bool) -> None:
+    """The plan fingerprinted a device kind; with Ray up, make sure the workers really get it."""
+    planned = ctx.section["train"]["device"]
+    if planned != ("cuda" if use_gpu else "cpu"):
+        raise ConfigError(f"train: the plan resolved the workers' device as {planned} (in the fingerprint) but Ray "
+                          f"gives them {'GPUs' if use_gpu else 'no GPU'}; set resources.train.num_gpus explicitly")
 
 
 def _trainer(worker_config: dict[str, Any], ctx: StageContext, scaling: dict[str, Any]) -> Any:
@@ -75,18 +99,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     tok = ctx.inputs["tokenizer"]
     vocab = int(tok.manifest["metrics"]["vocab_size"])
     scaling = train_scaling(cfg.resources.train, t.num_workers)
+    hw = ctx.section["train"]
+    _check_device(ctx, scaling["use_gpu"])
+    store = ctx.output.store()
     if t.init_from:  # refuse a mismatched architecture before launching anything
         check_init_compatible(init_config(t.init_from), model_dict(cfg, vocab), t.init_from)
-    if "://" not in ctx.out_uri:  # a kept folder (resume): same worker count as its checkpoints, before launch
-        check_resume_layout(f"{ctx.out_uri}/ray_train", t.num_workers)
+    # a kept folder (resume): the worker count, precision and device kind of its checkpoints, before launch
+    check_resume_layout(f"{store.stage_path('train', ctx.fingerprint)}/ray_train", t.num_workers, fs=store.fs,
+                        precision=hw["precision"], device=hw["device"])
     worker_config = {
         "model": model_dict(cfg, vocab),
-        "train": t.model_dump(mode="json"),
+        "train": {**t.model_dump(mode="json"), "precision": hw["precision"], "device": hw["device"]},
         "seq_len": cfg.train_seq_len,
         "train_shards": [],  # each worker opens the prepared data on its own node
         "prepare": asdict(ctx.inputs["prepare"].ref),
-        # Ray persists checkpoints to <stage>/ray_train/<step>; on a local store the workers mark and verify them there.
-        "local_checkpoint_dir": f"{ctx.out_uri}/ray_train" if "://" not in ctx.out_uri else None,
         "tracking_uri": ctx.tracker.tracking_uri,
         "run_id": ctx.tracker.worker_run_id(ctx.run_id),  # None while MLflow is down and the run not yet made
         "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
@@ -103,6 +129,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     if result.checkpoint is None:
         raise TrainingError("train: Ray Train finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
+        if not verify_checkpoint(d):
+            raise TrainingError(f"train: the final checkpoint {result.checkpoint.path} does not verify against its markers")
         for name in ("model.safetensors", "model.json", STATE):
             if not (Path(d) / name).is_file():
                 raise TrainingError(f"train: final checkpoint {d} has no {name}")
@@ -112,11 +140,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     if t.log_model:  # servable with `mlflow models serve -m <uri> --env-manager local`; tagged `model_uri`
         ctx.tracker.log_model(ctx.run_id, ctx.out_dir, eos_token=cfg.tokenizer.eos_token,
                               registered_name=t.registered_model_name)
-    final = {k.removeprefix("train/"): float(v) for k, v in (result.metrics or {}).items()
+    # from the final checkpoint, not from this run's last report: a run resumed from the final checkpoint trained nothing
+    metrics = json.loads((ctx.out_dir / STATE).read_text()).get("metrics", {})
+    final = {k.removeprefix("train/"): float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and k.startswith("train/")}
     return {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}
 
 
-STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=1, run=run, resumable=True,
+STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=2, run=run, resumable=True,
               input_context="training", main_input="prepare",
               params=lambda cfg: {"model": as_dict(cfg.model), "train": as_dict(cfg.train)})

@@ -4,10 +4,12 @@
 worker; benchmarks call it directly in one process. Everything it needs comes
 from its argument. It runs for a step budget (no epochs), reads its samples
 from the memory-mapped shards by a pure function of the step, and checkpoints
-through DeepSpeed's save/load. Under Ray each rank's checkpoint files are
-reported with `ray.train.report`, which merges them into one folder in the run's
-storage and restores the newest on a worker-group restart or a rerun; without
-Ray they go to a local folder.
+through DeepSpeed's save/load. Under Ray each rank's checkpoint files (with its
+marker and RNG states) are reported with `ray.train.report`, which merges them
+into one folder in the run's storage; a worker-group restart or a rerun resumes
+from the newest one that verifies, which rank 0 chooses for all. Without Ray
+they go to a local folder. The precision and device kind come resolved from the
+driver (a direct call may still say `auto`); the worker checks it got them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -30,11 +33,18 @@ from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_
 from pipeline import faults
 from pipeline.engine.store import StageRef
 from pipeline.errors import TrainingError
-from pipeline.stages.train.checkpoints import STATE, Checkpoints, check_same_layout
+from pipeline.stages.train.checkpoints import (
+    STATE,
+    Checkpoints,
+    check_same_hardware,
+    check_same_layout,
+    step_name,
+)
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
 from pipeline.stages.train.metrics import peak_flops, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
 from pipeline.stages.train.progress import report_progress
+from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
 from tokenization.dataset import TokenWindows, sample_indices
 from tokenization.shards import shard_paths
@@ -52,7 +62,7 @@ class WorkerConfig:
     train_shards: list[str]
     val_shards: list[str] = field(default_factory=list)
     prepare: dict[str, str] | None = None  # a prepare StageRef's fields: the shards are opened on this worker's node
-    local_checkpoint_dir: str | None = None  # without Ray: where checkpoints go; under Ray: Ray's local storage, if any
+    local_checkpoint_dir: str | None = None  # without Ray: where checkpoints go (under Ray: the run's storage)
     tracking_uri: str | None = None
     run_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # provenance written into model.json
@@ -103,14 +113,22 @@ def _device_and_group() -> tuple[torch.device, bool]:
     return device, False
 
 
-def _build(cfg: WorkerConfig, device: torch.device, world: int) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
+def _hardware(t: dict[str, Any], device: torch.device) -> dict[str, str]:
+    """The precision and device kind this worker trains in: the driver's resolution, which it must have got."""
+    if t.get("device", device.type) != device.type:
+        raise TrainingError(f"train: the driver resolved device {t['device']} (it is in the fingerprint) but this worker "
+                            f"got {device}; set resources.train.num_gpus explicitly")
+    on_gpu = device.type == "cuda"
+    precision = resolve_precision(t["precision"], on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+    return {"precision": precision, "device": device.type}
+
+
+def _build(cfg: WorkerConfig, device: torch.device, world: int, precision: str) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
     """Model (from init_from weights if given), AdamW and the DeepSpeed engine."""
     import deepspeed
 
     t = cfg.train
-    on_gpu = device.type == "cuda"
-    precision = resolve_precision(t["precision"], on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
-    torch.manual_seed(t["seed"])
+    torch.manual_seed(t["seed"])  # the initial weights: one function of the seed, the same on every rank
     model = GPT(ModelConfig(**cfg.model))
     if t.get("init_from"):
         init_config, state_dict = initial_weights(t["init_from"])
@@ -123,18 +141,48 @@ def _build(cfg: WorkerConfig, device: torch.device, world: int) -> tuple[Any, to
     return engine, optimizer, ds_config
 
 
-def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int) -> int:
-    """The step to start from: that of the newest registered checkpoint, else 0."""
-    latest = checkpoints.latest()
+def _choose(checkpoints: Checkpoints, rank: int, device: torch.device) -> tuple[Path | None, str]:
+    """The checkpoint to resume, chosen by rank 0 for every rank (each verifies its own copy), and this worker
+    group's attempt id, which marks the checkpoints it writes."""
+    chosen, error = None, None
+    if rank == 0:
+        try:
+            chosen = checkpoints.latest()
+        except TrainingError as e:  # say it on every rank, not only on rank 0
+            error = e
+    # [step of the choice (-1: none, -2: rank 0 refused), attempt id]; secrets leaves the training RNGs alone
+    msg = torch.tensor([-2 if error else -1 if chosen is None else int(chosen.name.removeprefix("step_")),
+                        secrets.randbits(62)], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(msg, src=0)
+    step, attempt = int(msg[0]), f"{int(msg[1]):016x}"
+    if error is not None:
+        raise error
+    if step == -2:
+        raise TrainingError(f"train: rank 0 found no checkpoint under {checkpoints.root} that verifies; refusing to "
+                            "restart from scratch")
+    if step == -1 or rank == 0:
+        return chosen, attempt
+    return checkpoints.at(step), attempt
+
+
+def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int, device: torch.device,
+            hw: dict[str, str]) -> tuple[int, str, dict[str, float]]:
+    """(the step to start from, this attempt's id, the metrics of the checkpoint resumed from): step 0 and no
+    metrics without a checkpoint. The rank's RNG states come back with its DeepSpeed states."""
+    latest, attempt = _choose(checkpoints, rank, device)
     if latest is None:
-        return 0
-    state = json.loads((latest / STATE).read_text())
-    _check_compatible(state, cfg, latest)
-    load_path, _ = engine.load_checkpoint(str(latest), tag=DS_TAG)
-    # DeepSpeed treats a missing checkpoint as "start from scratch"; a run that has one must never do that.
-    assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
-    print(f"[rank {rank}] resumed from {latest} at step {state['step']}", flush=True)
-    return int(state["step"])
+        return 0, attempt, {}
+    try:
+        state = json.loads((latest / STATE).read_text())
+        _check_compatible(state, cfg, checkpoints.where(latest.name), hw)
+        load_path, _ = engine.load_checkpoint(str(latest), tag=DS_TAG)
+        # DeepSpeed treats a missing checkpoint as "start from scratch"; a run that has one must never do that.
+        assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
+        restore_rng(load_rng(latest, rank=rank), device)
+    finally:
+        checkpoints.close()
+    print(f"[rank {rank}] resumed from {checkpoints.where(latest.name)} at step {state['step']}", flush=True)
+    return int(state["step"]), attempt, state.get("metrics", {})
 
 
 def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, gas: int, device: torch.device,
@@ -160,15 +208,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     device, under_ray = _device_and_group()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     t = cfg.train
-    engine, optimizer, ds_config = _build(cfg, device, world)
+    hw = _hardware(t, device)
+    engine, optimizer, ds_config = _build(cfg, device, world, hw["precision"])
+    seed_rank(t["seed"], rank)  # dropout masks differ across ranks; restored from the checkpoint on resume
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    checkpoints = Checkpoints(under_ray, cfg.local_checkpoint_dir)
-    start_step = _resume(engine, checkpoints, cfg, rank)
+    checkpoints = Checkpoints.for_worker(under_ray, cfg.local_checkpoint_dir, rank)
+    start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw)
     data = TokenWindows(cfg.train_shards, cfg.seq_len)
     val = TokenWindows(cfg.val_shards, cfg.seq_len) if t.get("eval_every") and cfg.val_shards else None
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
     rates = _Rates(cfg, device, world)
-    steps, last = t["steps"], {}
+    steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
     t_start = time.perf_counter()
     for step in range(start_step, steps):
         t0 = time.perf_counter()
@@ -194,10 +244,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             logger.log_metrics(last, step=done)
             report_progress(cfg.progress, rank, done, steps, last, time.perf_counter() - t_start, start_step)
         if done % t["checkpoint_every"] == 0 or done == steps:
-            _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last)
+            _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device)
             faults.maybe_fail("train.step", done)
-    if start_step >= steps:  # resumed from the final checkpoint: re-report it so the driver can read it
-        _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last)
+    if start_step >= steps:  # resumed from the final checkpoint: re-report it (with its metrics) for the driver
+        _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device)
     logger.close()  # step points queued during a tracking outage: sent now, or reported as lost
     return {**last, **rates.summary()}
 
@@ -239,32 +289,36 @@ class _Rates:
 
 
 def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *, final: bool, rank: int,
-          metrics: dict[str, float]) -> None:
-    """Every rank writes its DeepSpeed shards; rank 0 adds the step state (and, at the end,
-    the consolidated model); the report merges all ranks' files into one checkpoint folder."""
+          metrics: dict[str, float], attempt: str, hw: dict[str, str], device: torch.device) -> None:
+    """Every rank writes its DeepSpeed shards and RNG states; rank 0 adds the step state (and, at the end, the
+    consolidated model); each rank's marker vouches for its files; the report merges them into one folder."""
     tmp = Path(tempfile.mkdtemp(prefix=f"llmpipe-ckpt-r{rank}-"))
+    world = torch.distributed.get_world_size()
     try:
         (tmp / DS_TAG).mkdir()
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        save_rng(tmp, rank=rank, device=device)
         state_dict = _consolidated_state_dict(engine, rank) if final else None
         if rank == 0:
             if state_dict is not None:
                 save_model(tmp, state_dict, engine.module.config, step=step, **cfg.meta)
             (tmp / STATE).write_text(json.dumps({"step": step, "final": final, "metrics": metrics, "model": cfg.model,
-                                                 "world_size": torch.distributed.get_world_size(),
+                                                 "world_size": world, **hw,
                                                  "global_batch_size": cfg.train["global_batch_size"]}))
-        checkpoints.report({**metrics, "step": step}, tmp, f"step_{step:08d}", rank)
+        checkpoints.report({**metrics, "step": step}, tmp, step_name(step), world_size=world, attempt=attempt)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: Path) -> None:
-    """Refuse to resume from a checkpoint of another model or data-parallel layout, naming both values."""
+def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: str, hw: dict[str, str]) -> None:
+    """Refuse to resume from a checkpoint of another model, data-parallel layout, precision or device kind,
+    naming both values."""
     world = torch.distributed.get_world_size()
     if state.get("model", cfg.model) != cfg.model:
         diff = {k: (state["model"].get(k), v) for k, v in cfg.model.items() if state["model"].get(k) != v}
         raise TrainingError(f"train: checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
     check_same_layout(state, world, where)
+    check_same_hardware(state, hw["precision"], hw["device"], where)
 
 
 def _consolidated_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
