@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tokenization.documents import DocOptions
+from tokenization.documents import DocOptions, batches
 from tokenization.inputs import InputError, InputFile
 from tokenization.readers import SkipLog
 from tokenization.sample import sample_parts, sample_texts
@@ -71,25 +71,11 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype, *, piece
     characters, long texts in pieces when that is exact, so memory does not grow with the longest text."""
     cut = splits_safely(tok)
     parts: list[list[np.ndarray]] = [[] for _ in texts]
-    batch: list[str] = []
-    owners: list[int] = []
-    size = 0
-
-    def flush() -> None:
-        for owner, enc in zip(owners, tok.encode_batch(batch, add_special_tokens=False)):
+    pieces = ((i, piece) for i, text in enumerate(texts) for piece in (split_text(text, piece_chars) if cut else (text,)))
+    for chunk in batches(pieces, batch_chars, size=lambda owned: len(owned[1])):
+        encodings = tok.encode_batch([piece for _, piece in chunk], add_special_tokens=False)
+        for (owner, _), enc in zip(chunk, encodings):
             parts[owner].append(np.asarray(enc.ids, dtype=dtype))
-        batch.clear()
-        owners.clear()
-
-    for i, text in enumerate(texts):
-        for piece in split_text(text, piece_chars) if cut else (text,):
-            batch.append(piece)
-            owners.append(i)
-            size += len(piece)
-            if size >= batch_chars:
-                flush()
-                size = 0
-    flush()
     return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
 
 

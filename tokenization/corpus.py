@@ -23,6 +23,7 @@ import numpy as np
 from tokenization.bpe import BATCH_CHARS, encode_documents, id_dtype, load_tokenizer
 from tokenization.documents import (
     DocOptions,
+    batches,
     doc_hash,
     documents,
     is_validation,
@@ -73,27 +74,14 @@ def tokenize_shard(index: int, pieces: list[Piece], drop: np.ndarray, *, tokeniz
     writers = {split: ShardWriter(Path(out_dir) / name, dtype) for split, name in names.items()}
     text_bytes = {"train": 0, "val": 0}
     lengths = array("q")
-    batch: list[str] = []
-
-    def flush() -> None:
-        for text, ids in zip(batch, encode_documents(tok, batch, dtype)):
-            split = "val" if is_validation(doc_hash(text), val_fraction) else "train"
-            writers[split].add(np.concatenate([ids, eos]))
-            text_bytes[split] += len(text.encode("utf-8"))
-            lengths.append(len(ids) + len(eos))
-        batch.clear()
-
     try:
-        size = 0
-        for i, text in enumerate(documents(pieces, opts, log, filtered)):
-            if i in dropped:
-                continue
-            batch.append(text)
-            size += len(text)
-            if size >= BATCH_CHARS:
-                flush()
-                size = 0
-        flush()
+        kept = (text for i, text in enumerate(documents(pieces, opts, log, filtered)) if i not in dropped)
+        for batch in batches(kept, BATCH_CHARS):
+            for text, ids in zip(batch, encode_documents(tok, batch, dtype)):
+                split = "val" if is_validation(doc_hash(text), val_fraction) else "train"
+                writers[split].add(np.concatenate([ids, eos]))
+                text_bytes[split] += len(text.encode("utf-8"))
+                lengths.append(len(ids) + len(eos))
         written = {split: w.close() for split, w in writers.items()}
     except BaseException:
         for w in writers.values():

@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 from tokenization.inputs import Piece
 from tokenization.readers import SkipLog, iter_documents
+
+T = TypeVar("T")
 
 # Token-count histogram edges: 0, 1, 2, 4, ... 2^24 (then everything longer).
 LENGTH_EDGES = np.array([0] + [2**k for k in range(25)], dtype=np.int64)
@@ -98,3 +100,18 @@ def duplicate_indices(hashes: list[np.ndarray]) -> list[np.ndarray]:
 def length_histogram(token_counts: Iterable[int]) -> np.ndarray:
     counts = np.fromiter(token_counts, dtype=np.int64)
     return np.bincount(np.searchsorted(LENGTH_EDGES, counts, side="right") - 1, minlength=len(LENGTH_EDGES))
+
+
+def batches(items: Iterable[T], limit: int, *, size: Callable[[T], int] = len) -> Iterator[list[T]]:
+    """Consecutive lists of `items` that each just reach `limit` in total `size` (the last may hold less), so a
+    batched encoder holds about `limit` characters at a time however long the stream."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        batch.append(item)
+        total += size(item)
+        if total >= limit:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
