@@ -1,2 +1,3 @@
 """The workflow engine: stages as data (`stage`), what runs (`plan`), running it (`execute`), the artifact store
-(`store`) and one builder per stage folder (`locks`). Knows nothing of any particular stage."""
+(`store`, with `generations`, `nodecache`, `leases`), one builder per stage folder (`locks`) and each stage's last
+fingerprint (`run_pointer`). Knows nothing of any particular stage."""

@@ -25,7 +25,7 @@ from typing import Any
 from pipeline import faults
 from pipeline.cluster.preflight import is_local_tracking_uri, preflight
 from pipeline.cluster.runtime import RayRuntime, submission_id
-from pipeline.engine import notes
+from pipeline.engine import notes, run_pointer
 from pipeline.engine.locks import StageLocks
 from pipeline.engine.plan import PlanItem
 from pipeline.engine.stage import Stage, StageContext, Upstream
@@ -193,7 +193,7 @@ def _run_stage(cfg: Config, it: PlanItem, child: str, sv: Services) -> dict[str,
             "metrics": metrics, "started_at": t0, "duration_s": dt, "mlflow_run_id": sv.tracker.mlflow_id(child),
             "git_commit": sv.commit,
         })
-        store.remember(cfg.experiment_name, s.name, it.fingerprint)
+        run_pointer.remember(store, cfg.experiment_name, s.name, it.fingerprint)
         sv.locks.release()
         sv.tracker.log_metrics(child, {**metrics, "duration_s": dt})
         _describe(child, it, {n: (u.fingerprint, u.manifest) for n, u in inputs.items()}, metrics, sv, duration_s=dt)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.engine import run_pointer
 from pipeline.engine.stage import Stage, fingerprint
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import WorkflowError
@@ -73,7 +74,7 @@ def plan(
     for flag, value in (("--only", only), ("--from", from_stage), *(("--force", f) for f in force)):
         if value is not None and value not in names:
             raise WorkflowError(f"{flag} {value}: unknown stage (stages: {', '.join(names)})")
-    last = store.last_fingerprints(cfg.experiment_name)
+    last = run_pointer.last_fingerprints(store, cfg.experiment_name)
     items: dict[str, PlanItem] = {}
     for s in stages:
         section = s.section(cfg)

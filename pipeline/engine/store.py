@@ -23,20 +23,15 @@ marker that is read but does not decode is *damaged*, not half-written (it is
 written atomically): a disk fault, a hand edit, a copy cut short. It cannot
 vouch for its files, so the folder counts as incomplete and is redone.
 
-`<root>/_runs/<experiment>.json` remembers the fingerprint each stage had the
-last time this experiment committed it, so `status` can say *why* a stage is
-stale (which config keys changed), not only that it is. It is updated under a
-lock on local roots; on object stores by write, re-read and retry (best effort:
-a lost entry only makes a `stale` reason less precise).
+`<root>/_runs/<experiment>.json`, the pointer that explains staleness, is
+`pipeline.engine.run_pointer`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -310,43 +305,6 @@ class ArtifactStore:
             self.fs.delete_file(path)
         except OSError:
             pass  # already gone
-
-    # --- the per-experiment pointer used to explain staleness ------------
-    def _runs_path(self, experiment: str) -> str:
-        return f"{self.base}/_runs/{experiment}.json"
-
-    def last_fingerprints(self, experiment: str) -> dict[str, str]:
-        return self.read_json(self._runs_path(experiment)) or {}
-
-    def remember(self, experiment: str, stage: str, fingerprint: str) -> None:
-        """Record `stage`'s fingerprint, keeping every other stage's entry even when runs update it at once."""
-        if not self.is_local:
-            return self._remember_remote(experiment, stage, fingerprint)
-        path = self._runs_path(experiment)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = open_lock_file(Path(self.base) / "_locks" / "runs" / f"{experiment}.lock")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # read-modify-write: two runs committing at once both keep their entry
-            state = {**self.last_fingerprints(experiment), stage: fingerprint}
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(tmp).write_bytes(json.dumps(state, indent=2, sort_keys=True).encode("utf-8"))
-            os.replace(tmp, path)
-        except OSError as e:  # disk full, read-only: the old pointer stays whole
-            Path(tmp).unlink(missing_ok=True)
-            raise StoreError(f"cannot write {path}: {e.strerror}") from None
-        finally:
-            os.close(fd)
-
-    def _remember_remote(self, experiment: str, stage: str, fingerprint: str) -> None:
-        """No locks on an object store: write, re-read after a short random pause, and write again if another run's
-        write replaced ours (it read the pointer before our write)."""
-        path = self._runs_path(experiment)
-        for _ in range(5):
-            state = {**self.last_fingerprints(experiment), stage: fingerprint}
-            self.write_bytes(path, json.dumps(state, indent=2, sort_keys=True).encode("utf-8"))
-            time.sleep(random.uniform(0.05, 0.25))
-            if self.last_fingerprints(experiment).get(stage) == fingerprint:
-                return
 
 
 def _json_object(data: bytes | None) -> dict[str, Any] | None:

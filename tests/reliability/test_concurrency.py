@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from pipeline.config import parse_config
+from pipeline.engine import run_pointer
 from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan
 from pipeline.engine.stage import Stage, StageContext
@@ -261,7 +262,7 @@ def _remember_many(root: str, prefix: str, n: int, control: str) -> None:
     (Path(control) / f"ready-{prefix}").touch()
     _wait_for(lambda: (Path(control) / "go").exists(), "the start signal")
     for i in range(n):
-        store.remember("exp", f"{prefix}{i}", f"{i:064x}")
+        run_pointer.remember(store, "exp", f"{prefix}{i}", f"{i:064x}")
 
 
 def test_concurrent_updates_of_the_run_pointer_for_different_stages_all_survive(tmp_path):
@@ -275,4 +276,4 @@ def test_concurrent_updates_of_the_run_pointer_for_different_stages_all_survive(
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert ArtifactStore(root).last_fingerprints("exp") == {f"{prefix}{i}": f"{i:064x}" for prefix in "ab" for i in range(n)}
+    assert run_pointer.last_fingerprints(ArtifactStore(root), "exp") == {f"{prefix}{i}": f"{i:064x}" for prefix in "ab" for i in range(n)}
