@@ -173,12 +173,24 @@ def test_damaged_commit_is_treated_as_incomplete(tiny_config, damage):
     assert plan(cfg, store, stages)[0].state != "cached"
 
 
-def test_commit_writes_the_marker_last_with_the_file_list(tmp_path):
+def test_commit_writes_the_marker_last_with_the_file_list(tmp_path, monkeypatch):
     store = ArtifactStore(str(tmp_path / "root"))
     work = store.working_dir("s", "ab" * 32, keep_partial=False)
     (work / "sub").mkdir()
     (work / "sub" / "a.bin").write_bytes(b"1234")
+    seen_at_marker: list[dict] = []
+    replace = os.replace
+
+    def spy(src, dst) -> None:  # when the marker appears, the data is complete, and nothing is written after it
+        if Path(dst).name == MARKER:
+            seen_at_marker.append({"data": (work / "sub" / "a.bin").read_bytes(), "marker_before": (work / MARKER).exists()})
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
     m = store.commit("s", "ab" * 32, work, {"stage": "s"})
+    assert seen_at_marker == [{"data": b"1234", "marker_before": False}]
+    last_data_write = max(p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != MARKER)
+    assert (work / MARKER).stat().st_mtime_ns >= last_data_write
     assert m["files"] == [{"path": "sub/a.bin", "size": 4}]
     assert store.manifest("s", "ab" * 32)["stage"] == "s"
     assert not list(work.glob(".*tmp"))
