@@ -61,7 +61,7 @@ def test_a_failing_stage_names_its_log_and_the_terminal_comes_back(tmp_path, cap
         raise RuntimeError("boom")
     assert out.failed_log == tmp_path / "logs" / "prepare.log"
     assert "a traceback Ray printed" in out.failed_log.read_text()
-    assert re.search(rf"^\[prepare\] failed after \d+\.\ds \(log: {tmp_path}/logs/prepare.log\)$", term.getvalue(), re.M)
+    assert re.search(rf"^\[prepare\] failed after \d+\.\ds \(log: {tmp_path}/logs/prepare.log\)$", term.getvalue(), re.MULTILINE)
     print("after the run")  # stdout is the process's own again
     assert capfd.readouterr().out == "after the run\n"
 
