@@ -88,6 +88,7 @@ class LogCapture:
         self._fds: tuple[int, int] | None = None
         self._streams: tuple[TextIO, TextIO] | None = None
         self._terminal: TextIO | None = None
+        self._stage_logs = False  # whether any stage started (then the folder is the run's record, kept)
 
     def keep_terminal(self, terminal: TextIO | None = None) -> TextIO:
         """The stream that reaches the terminal whatever `begin()` redirects: `terminal`, else stdout's own."""
@@ -119,6 +120,7 @@ class LogCapture:
     def switch(self, name: str) -> Path:
         """From now on library output goes to `<name>.log` (appended)."""
         path = self.begin() / f"{name}.log"
+        self._stage_logs = self._stage_logs or name != "run"
         _flush(sys.stdout, sys.stderr)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -140,6 +142,20 @@ class LogCapture:
         if self._terminal is not None:
             self._terminal.close()
             self._terminal = None
+        self._drop_if_empty()
+
+    def _drop_if_empty(self) -> None:
+        """A run refused before any stage started, with nothing logged, leaves no log folder in the store."""
+        run_log = self.folder / "run.log" if self.folder is not None else None
+        if self._stage_logs or run_log is None or not run_log.is_file() or run_log.stat().st_size:
+            return
+        run_log.unlink()
+        for folder in (self.folder, self.folder.parent):
+            try:
+                folder.rmdir()  # only when empty: a folder other runs also use stays
+            except OSError:
+                break
+        self.folder = None
 
 
 def _flush(*streams: TextIO) -> None:

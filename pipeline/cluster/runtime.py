@@ -28,7 +28,7 @@ class RayRuntime:
         address = os.environ.get("RAY_ADDRESS")
         keep_ray_token_auth(connecting=bool(address))
         if address:
-            ray.init(address=address, logging_level=logging.INFO)
+            ray.init(address=address, logging_level=logging.WARNING)  # its INFO lines would reach the terminal before the run logs open
         else:  # a new local instance, even if a `ray start` cluster runs on this machine (RAY_ADDRESS picks that)
             init_local()
         self.started_here = True

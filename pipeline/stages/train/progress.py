@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from pipeline.stages.train.checkpoints import step_name
 from pipeline.stages.train.metrics import progress_line
 from pipeline.terminal import Progress
 
@@ -95,7 +96,7 @@ def forward_progress(progress: Progress) -> Iterator[Any]:
                 progress.note(text)
             if event and event["resumed_at"] and not resumed:
                 resumed = True
-                progress.note(f"resumed from its checkpoint at step {event['resumed_at']}")
+                progress.note(f"resumed from {step_name(event['resumed_at'])} at step {event['resumed_at']}")  # its checkpoint
             if event:
                 progress.update(done=event["step"], total=event["total"], status=event["line"])
             if last:
