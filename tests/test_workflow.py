@@ -129,6 +129,31 @@ def test_from_forces_the_stage_and_everything_downstream(tiny_config):
     assert calls == ["prepare"]
 
 
+def test_an_optional_stage_joins_the_graph_only_when_configured_and_only_its_readers_depend_on_it(tiny_config):
+    import dataclasses
+
+    calls: list[str] = []
+    base = fake_stages(calls)
+    # "index" is configured by decode.prompts here (any config field serves); evaluate reads it when sliding_window is set
+    index = dataclasses.replace(base[0], name="index", needs=("tokenizer",), section=lambda c: {"p": c.decode.prompts},
+                                enabled=lambda c: len(c.decode.prompts) > 1, run=base[0].run)
+    evaluate = dataclasses.replace(base[3], extra_needs=lambda c: ("index",) if c.evaluate.sliding_window else ())
+    stages = [base[0], index, *base[1:3], evaluate, base[4]]
+    plain = tiny_config()
+    assert [it.stage.name for it in plan(plain, ArtifactStore(plain.store.root), stages)] == [
+        "tokenizer", "prepare", "train", "evaluate", "decode"]
+    with pytest.raises(WorkflowError, match="--only index: this config does not configure that stage"):
+        plan(plain, ArtifactStore(plain.store.root), stages, only="index")
+    with pytest.raises(WorkflowError, match="evaluate needs stage index, which this config does not configure"):
+        plan(tiny_config(evaluate={"sliding_window": True}), ArtifactStore(plain.store.root), stages)
+
+    one = fps(tiny_config(decode={"prompts": ["a", "b"]}, evaluate={"sliding_window": True}), stages)
+    other = fps(tiny_config(decode={"prompts": ["a", "c"]}, evaluate={"sliding_window": True}), stages)
+    assert [n for n in one if one[n] != other[n]] == ["index", "evaluate", "decode"]  # decode: its own prompts changed
+    unread = fps(tiny_config(decode={"prompts": ["a", "b"]}), stages)
+    assert unread["evaluate"] == fps(tiny_config(decode={"prompts": ["a", "c"]}), stages)["evaluate"]
+
+
 def test_unknown_stage_name_is_rejected(tiny_config):
     cfg = tiny_config()
     with pytest.raises(WorkflowError, match="--from trian: unknown stage"):

@@ -52,12 +52,23 @@ def _short(v: Any, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def _downstream(stages: list[Stage], root: str) -> set[str]:
+def _downstream(stages: list[Stage], cfg: Config, root: str) -> set[str]:
     out = {root}
     for s in stages:  # stages are in topological order
-        if any(n in out for n in s.needs):
+        if any(n in out for n in s.needs_for(cfg)):
             out.add(s.name)
     return out
+
+
+def graph(cfg: Config, stages: list[Stage]) -> list[Stage]:
+    """The stages this config runs (optional ones only when configured), each upstream checked to be one of them."""
+    active = [s for s in stages if s.is_enabled(cfg)]
+    names = {s.name for s in active}
+    for s in active:
+        for n in s.needs_for(cfg):
+            if n not in names:
+                raise WorkflowError(f"{s.name} needs stage {n}, which this config does not configure (add a `{n}:` section)")
+    return active
 
 
 def plan(
@@ -69,16 +80,20 @@ def plan(
     from_stage: str | None = None,
     force: Iterable[str] = (),
 ) -> list[PlanItem]:
-    names = [s.name for s in stages]
+    active = graph(cfg, stages)
+    names, active_names = [s.name for s in stages], [s.name for s in active]
     force = set(force)
     for flag, value in (("--only", only), ("--from", from_stage), *(("--force", f) for f in force)):
         if value is not None and value not in names:
             raise WorkflowError(f"{flag} {value}: unknown stage (stages: {', '.join(names)})")
+        if value is not None and value not in active_names:
+            raise WorkflowError(f"{flag} {value}: this config does not configure that stage (add a `{value}:` section)")
+    stages = active
     last = run_pointer.last_fingerprints(store, cfg.experiment_name)
     items: dict[str, PlanItem] = {}
     for s in stages:
         section = s.section(cfg)
-        upstream = {n: items[n].fingerprint for n in s.needs}
+        upstream = {n: items[n].fingerprint for n in s.needs_for(cfg)}
         fp = fingerprint(s, section, upstream)
         item = PlanItem(s, fp, section, upstream, state="missing")
         if store.manifest(s.name, fp) is not None:
@@ -88,18 +103,18 @@ def plan(
             if prev.get("version") != s.version:
                 item.reasons.append(f"version {prev.get('version')} -> {s.version}")
             item.reasons += _diff(prev.get("config", {}), section)
-            item.reasons += [f"upstream {n} changed" for n in s.needs if prev.get("upstream", {}).get(n) != upstream[n]]
+            item.reasons += [f"upstream {n} changed" for n in upstream if prev.get("upstream", {}).get(n) != upstream[n]]
         elif store.exists(s.name, fp):
             item.reasons.append("incomplete folder: " + ("will resume" if s.resumable else "will redo"))
         items[s.name] = item
 
     if only:
-        for n in items[only].stage.needs:
+        for n in items[only].upstream:
             if items[n].state != "cached":
                 raise WorkflowError(f"--only {only}: upstream stage {n} is {items[n].state}; run it first (e.g. `llmpipe run CONFIG --only {n}` or without --only)")
         items[only].run = items[only].forced = True
         return [items[only]]
-    forced = set(force) | (_downstream(stages, from_stage) if from_stage else set())
+    forced = set(force) | (_downstream(stages, cfg, from_stage) if from_stage else set())
     for it in items.values():
         it.forced = it.stage.name in forced
         it.run = it.forced or it.state != "cached"

@@ -61,6 +61,17 @@ class Stage:
     params: Callable[[Config], dict[str, Any]] | None = None  # logged to MLflow (default: section)
     input_context: str = "input"  # what its upstreams are to it, in MLflow's dataset inputs ("training", ...)
     main_input: str | None = None  # the upstream it reads as data: listed first, so MLflow's Datasets column shows it
+    # Optional parts of the graph: `enabled(cfg)` False leaves the stage out (its section is not configured), and
+    # `extra_needs(cfg)` names upstreams only some configs use (evaluate reads `index` when retrieval is on).
+    enabled: Callable[[Config], bool] | None = None
+    extra_needs: Callable[[Config], tuple[str, ...]] | None = None
+
+    def is_enabled(self, cfg: Config) -> bool:
+        return self.enabled is None or self.enabled(cfg)
+
+    def needs_for(self, cfg: Config) -> tuple[str, ...]:
+        """The upstreams this config makes it read: `needs`, then `extra_needs(cfg)`."""
+        return self.needs + (self.extra_needs(cfg) if self.extra_needs else ())
 
 
 def fingerprint(stage: Stage, section: dict[str, Any], upstream: dict[str, str]) -> str:
