@@ -1,4 +1,4 @@
-"""The driver SIGKILLed in the middle of `prepare`, of `train` and of `evaluate`, then run again.
+"""The driver SIGKILLed in the middle of `prepare`, of `train` and of `evaluate`, and Ctrl-C in `train`, then run again.
 
 Each invocation is a real `python -m pipeline run` process that starts its own local Ray; the
 kill takes the driver and then every process it started (found by an environment tag they all
@@ -109,6 +109,28 @@ def _run_and_kill(config: Path, tmp: Path, ready, faults: str = "") -> str:
             _kill_run(proc, tag)
 
 
+def _run_and_interrupt(config: Path, tmp: Path, ready, faults: str = "") -> str:
+    """Start a run and press Ctrl-C (SIGINT to the driver) once `ready(output so far)` holds: the run must stop by
+    itself, say it was interrupted and exit 130 (Ray Train's own SIGINT handler exits 0 in the middle of `fit`)."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], env=_env(tmp, tag, faults),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 600
+        while not ready("".join(lines)):
+            assert proc.poll() is None and time.time() < deadline, "no interrupt point:\n" + "".join(lines)[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, "".join(lines)[-3000:]
+        reader.join(timeout=10)
+        return "".join(lines)
+    finally:
+        _kill_run(proc, tag)  # whatever Ray left behind
+
+
 def _plan(out: str, stage: str) -> str:
     """The plan's line for a stage, e.g. `prepare    missing (incomplete folder: will redo) -> run`."""
     (line,) = [ln.strip() for ln in out.splitlines() if ln.startswith(f"  {stage} ")]
@@ -148,8 +170,16 @@ def test_a_driver_killed_in_prepare_train_and_evaluate_resumes_to_the_uninterrup
     assert _plan(out, "tokenizer").startswith("tokenizer  cached")
     assert "incomplete folder: will redo" in _plan(out, "prepare")
     assert _committed(store) == {"tokenizer", "prepare"}
+
+    def resumed_and_paused(out: str) -> bool:  # resumed from step 6, then holding after its step-9 checkpoint
+        return "resumed from" in out and len(glob.glob(f"{store}/train/*/ray_train/step_00000009/_CHECKPOINT.rank*.json")) == 2
+
+    out = _run_and_interrupt(config, tmp_path, resumed_and_paused, faults="train.step:9:pause")
+    assert "[train] interrupted after" in out and out.rstrip().endswith("llmpipe: interrupted"), out[-3000:]
+    assert not glob.glob(f"{store}/train/*/_COMPLETE.json")
     checkpoints = {int(Path(p).parent.name.removeprefix("step_"))
                    for p in glob.glob(f"{store}/train/*/ray_train/step_*/_CHECKPOINT.rank1.json")}
+    assert 9 in checkpoints
 
     out = _run_and_kill(config, tmp_path, lambda out: "[evaluate] running" in out)
     assert "incomplete folder: will resume" in _plan(out, "train")

@@ -121,6 +121,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     try:
         with forward_progress(ctx.progress) as sink:  # rank 0's progress lines reach the display through it
             result = _trainer({**worker_config, "progress": sink}, ctx, scaling).fit()
+    except SystemExit as e:
+        # Ray Train's own Ctrl-C handler aborts the workers, then exits 0: for the pipeline the run was interrupted
+        # (the parent run is KILLED, the CLI exits 130, the checkpoints so far stay for the rerun to resume from)
+        raise KeyboardInterrupt("training interrupted (SIGINT)") from e
     except Exception as e:  # Ray wraps a worker's error; a user error inside it is reported as itself
         cause = user_cause(e)
         if cause is None:
