@@ -193,6 +193,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def _workflow(args: argparse.Namespace) -> int:
     from pipeline.stages import STAGES
+    from pipeline.stages.tasks import summary_lines as task_summary
 
     if not args.config:
         raise ConfigError("status: give a CONFIG (or --job JOB_ID)")
@@ -221,6 +222,8 @@ def _workflow(args: argparse.Namespace) -> int:
         if "val_loss" in ev:
             out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
                      f"vs unigram {ev['unigram_loss']:.4f}")
+        for line in task_summary(manifests.get("tasks", {}).get("metrics", {})):  # the tasks stage, when configured
+            out.line(line)
     return 0
 
 
