@@ -3,6 +3,7 @@ naming file:line, the fingerprint (content, not path; nothing else changes), and
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -12,9 +13,15 @@ import pytest
 import torch
 import yaml
 
-from model.tasks import Question, TaskFormatError, encode_pair, loglikelihoods, read_questions, score_task
+from model.tasks import (
+    Question,
+    TaskFormatError,
+    encode_pair,
+    loglikelihoods,
+    read_questions,
+    score_task,
+)
 from pipeline import cli
-from pipeline.config import parse_config
 from pipeline.engine.plan import plan
 from pipeline.engine.store import ArtifactStore
 from pipeline.stages import STAGES
@@ -45,7 +52,7 @@ def encode(text: str) -> list[int]:
 def p(*path: str) -> float:
     """The probability of the characters path[1:] after path[0]."""
     out = 1.0
-    for a, b in zip(path, path[1:]):
+    for a, b in itertools.pairwise(path):
         out *= TABLE[CHARS.index(a)][CHARS.index(b)]
     return out
 

@@ -11,7 +11,7 @@ questions travel to one Ray task (a GPU one when the cluster has GPUs), which
 opens the model on its node and scores them. Writes `tasks.json` (metrics and
 one row per record) and logs `tasks/<name>/<metric>` to MLflow; its committed
 line shows each task's acc and chance first, and `llmpipe run` ends with one
-line per task (accuracy ± standard error against chance).
+line per task (accuracy ± standard error against chance, `pipeline.cli`).
 """
 
 from __future__ import annotations
@@ -93,23 +93,6 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {f"tasks/{name}/{m}": result[name]["metrics"][m] for _, name, m in ordered}
 
 
-def summary_lines(metrics: dict[str, float]) -> list[str]:
-    """One line per task from the stage's metrics, e.g.
-    `task next_line: acc 0.412 ± 0.028 (acc_norm 0.390 ± 0.028) vs chance 0.250, n=250`."""
-    by_task: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        if key.startswith("tasks/"):
-            name, _, m = key[len("tasks/"):].rpartition("/")
-            by_task.setdefault(name, {})[m] = value
-    lines = []
-    for name, m in by_task.items():
-        extra = (f" (acc_norm {m['acc_norm']:.3f} ± {m['acc_norm_stderr']:.3f})" if "acc_norm" in m
-                 else f" (target perplexity {m['ppl']:.4g})")
-        lines.append(f"task {name}: acc {m['acc']:.3f} ± {m['acc_stderr']:.3f}{extra} vs chance {m['chance']:.3f}, "
-                     f"n={int(m['n'])}")
-    return lines
-
-
 def run(ctx: StageContext) -> dict[str, float]:
     import ray
 
@@ -126,7 +109,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     result = ray.get(remote.remote(ctx.inputs["train"].ref, tasks=tasks, batch_size=cfg.tasks.batch_size))
     (ctx.out_dir / "tasks.json").write_text(json.dumps(result, indent=1))
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "tasks.json")
-    return flat_metrics(result)  # `llmpipe run` ends with `summary_lines` of them, cached or not
+    return flat_metrics(result)  # `llmpipe run` ends with a line per task, cached or not
 
 
 STAGE = Stage(name="tasks", needs=("tokenizer", "train"), section=_section, version=1, run=run,
