@@ -221,7 +221,26 @@ def _workflow(args: argparse.Namespace) -> int:
         if "val_loss" in ev:
             out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
                      f"vs unigram {ev['unigram_loss']:.4f}")
+        for line in _task_lines(manifests.get("tasks", {}).get("metrics", {})):  # the tasks stage, when configured
+            out.line(line)
     return 0
+
+
+def _task_lines(metrics: dict[str, float]) -> list[str]:
+    """One line per task from the stage's metrics, e.g.
+    `task next_line: acc 0.412 ± 0.028 (acc_norm 0.390 ± 0.028) vs chance 0.250, n=250`."""
+    by_task: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("tasks/"):
+            name, _, m = key[len("tasks/"):].rpartition("/")
+            by_task.setdefault(name, {})[m] = value
+    lines = []
+    for name, m in by_task.items():
+        extra = (f" (acc_norm {m['acc_norm']:.3f} ± {m['acc_norm_stderr']:.3f})" if "acc_norm" in m
+                 else f" (target perplexity {m['ppl']:.4g})")
+        lines.append(f"task {name}: acc {m['acc']:.3f} ± {m['acc_stderr']:.3f}{extra} vs chance {m['chance']:.3f}, "
+                     f"n={int(m['n'])}")
+    return lines
 
 
 def _where(cfg, store: ArtifactStore) -> list[str]:

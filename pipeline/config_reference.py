@@ -109,19 +109,33 @@ def sections() -> list[tuple[str, type, list[str]]]:
     def walk(prefix: str, model: type) -> None:
         seen: set[type] = set()
         for name, field in model.model_fields.items():
-            kind = field.annotation
-            if not (isinstance(kind, type) and (issubclass(kind, BaseModel) or dataclasses.is_dataclass(kind))):
+            kind, suffix = _section_of(field.annotation)
+            if kind is None:
                 continue
             siblings = [n for n, f in model.model_fields.items() if f.annotation is kind]
             if len(siblings) > 1 and kind in seen:
                 continue
             seen.add(kind)
-            out.append((prefix + ("<stage>" if len(siblings) > 1 else name), kind, siblings if len(siblings) > 1 else []))
+            key = prefix + ("<stage>" if len(siblings) > 1 else name) + suffix
+            out.append((key, kind, siblings if len(siblings) > 1 else []))
             if issubclass(kind, BaseModel):
-                walk(prefix + name + ".", kind)
+                walk(key + ".", kind)
 
     walk("", Config)
     return out
+
+
+def _section_of(annotation: Any) -> tuple[type | None, str]:
+    """The section type a field holds, and the key suffix: `S` -> (S, ""), an optional section `S | None` ->
+    (S, ""), a list of sections `list[S]` -> (S, "[]"); (None, "") for a plain value."""
+    if _is_section(annotation):
+        return annotation, ""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list and len(args) == 1 and _is_section(args[0]):
+        return args[0], "[]"
+    if len(args) == 1 and _is_section(args[0]) and type(None) in typing.get_args(annotation):
+        return args[0], ""
+    return None, ""
 
 
 def _is_section(kind: Any) -> bool:

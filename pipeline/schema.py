@@ -179,11 +179,35 @@ class DecodeConfig(SamplingOptions):
         return SamplingOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingOptions)})
 
 
+class TaskSpec(_Section):
+    """One task of the `tasks` section: a JSON Lines file of records in lm-evaluation-harness's shapes."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Names the task's metrics (`tasks/<name>/acc`); letters, digits, `_`, `.`, `-`.")
+    path: str = Field(..., json_schema_extra={"fingerprint": False}, description="The task file (.jsonl; relative paths from the working directory); its content (sha256) is fingerprinted, not its path.")
+    kind: Literal["multiple_choice", "cloze"] = Field(..., description="multiple_choice: {ctx, endings, label} or {question, choices: {text, label}, answerKey} records; cloze: {text} records, the target is the last word.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N records.")
+
+
+class TasksConfig(_Section):
+    """The `tasks` section (optional): multiple-choice and cloze accuracy of the trained model."""
+
+    suite: list[TaskSpec] = Field(..., min_length=1, description="The tasks to score, each {name, path, kind, limit}.")
+    batch_size: int = _nf(32, "Sequences (a context and one continuation) per forward pass.", ge=1)
+
+    @field_validator("suite")
+    @classmethod
+    def _unique_names(cls, value: list[TaskSpec]) -> list[TaskSpec]:
+        names = [t.name for t in value]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"task names must be unique (they name the metrics), repeated: {', '.join(dup)}")
+        return value
+
+
 class StageResources(_Section):
     """What Ray reserves for one task of a stage (train: for each worker). Never fingerprinted."""
 
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per task (prepare: per tokenize task, also capping its threads; train: per worker).")
-    num_gpus: float | None = Field(None, ge=0.0, description="GPUs per task; default: 1 for train/evaluate/decode when the cluster has GPUs, else 0.")
+    num_gpus: float | None = Field(None, ge=0.0, description="GPUs per task; default: 1 for train/evaluate/decode/tasks when the cluster has GPUs, else 0.")
     memory_gb: float | None = Field(None, gt=0.0, description="Memory Ray reserves per task, in GiB.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per task, e.g. {gpu_node: 1} (a resource your cluster.yaml gives some nodes).")
     label_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the task requires, e.g. {ray.io/accelerator-type: H100}.")
@@ -196,6 +220,7 @@ class ResourcesConfig(_Section):
     train: StageResources = Field(default_factory=StageResources, description="Each Ray Train worker.")
     evaluate: StageResources = Field(default_factory=StageResources, description="The evaluation task.")
     decode: StageResources = Field(default_factory=StageResources, description="The decoding task.")
+    tasks: StageResources = Field(default_factory=StageResources, description="The task-evaluation task.")
 
 
 class TrackingConfig(_Section):
@@ -220,6 +245,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalOptions = Field(default_factory=EvalOptions)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    tasks: TasksConfig | None = Field(None, description="Task evaluation (multiple choice, cloze); the `tasks` stage runs only when this section is set.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

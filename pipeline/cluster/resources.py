@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.schema import StageResources
 
-GPU_STAGES = ("train", "evaluate", "decode")
+GPU_STAGES = ("train", "evaluate", "decode", "tasks")
 
 
 def cluster_gpus() -> float:
