@@ -109,10 +109,10 @@ def sections() -> list[tuple[str, type, list[str]]]:
     def walk(prefix: str, model: type) -> None:
         seen: set[type] = set()
         for name, field in model.model_fields.items():
-            kind = field.annotation
+            kind = section_type(field.annotation)
             if not (isinstance(kind, type) and (issubclass(kind, BaseModel) or dataclasses.is_dataclass(kind))):
                 continue
-            siblings = [n for n, f in model.model_fields.items() if f.annotation is kind]
+            siblings = [n for n, f in model.model_fields.items() if section_type(f.annotation) is kind]
             if len(siblings) > 1 and kind in seen:
                 continue
             seen.add(kind)
@@ -128,13 +128,19 @@ def _is_section(kind: Any) -> bool:
     return isinstance(kind, type) and (issubclass(kind, BaseModel) or dataclasses.is_dataclass(kind))
 
 
+def section_type(annotation: Any) -> Any:
+    """The section inside an optional one (`IndexConfig | None` -> `IndexConfig`), else the annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 and _is_section(args[0]) and type(None) in typing.get_args(annotation) else annotation
+
+
 def reference() -> str:
     """The Markdown reference: top-level keys, then one table per section."""
     from pipeline.schema import Config, changes_output
 
     lines = ["| key | default | description |", "|---|---|---|"]
     for name, doc in field_docs(Config).items():
-        if not _is_section(Config.model_fields[name].annotation):
+        if not _is_section(section_type(Config.model_fields[name].annotation)):
             lines.append(f"| `{name}` | {_show(_default(Config, name))} | {doc or ''} |")
     parts = ["\n".join(lines)]
     for key, kind, siblings in sections():

@@ -55,3 +55,15 @@ def tokenizer_task(files: list, **kw: Any) -> tuple[dict[str, float], str]:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = build_tokenizer(files, out_dir=tmp, **kw)
         return metrics, (Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")
+
+
+def passages_task(files: list, tokenizer: StageRef, doc_opts: Any, opts: Any, num_cpus: float) -> tuple[Any, dict]:
+    """Cut whole knowledge files into passages (the `index` stage): (the table, what was skipped and filtered),
+    two Ray objects, so the tables go to the index-building task and only the counts to the driver."""
+    from tokenization.bpe import load_tokenizer
+    from tokenization.passages import file_passages
+
+    _limit_threads(num_cpus)
+    tok = load_tokenizer(tokenizer.local(["tokenizer.json"]) / "tokenizer.json")
+    table, log, filtered = file_passages(files, tok, doc_opts, opts)
+    return table, {"skipped": dict(log.counts), "skipped_records": log.records, "filtered": dict(filtered)}

@@ -1,6 +1,8 @@
-"""The stages, in topological order: tokenizer -> prepare -> train -> evaluate, decode."""
+"""The stages, in topological order: tokenizer -> prepare -> train -> (index) -> evaluate, decode.
 
-from pipeline.stages import decode, evaluate, prepare, tokenizer, train
+`index` is optional (an `index:` section enables it); it needs the tokenizer, and `train` when it embeds."""
 
-STAGES = [tokenizer.STAGE, prepare.STAGE, train.STAGE, evaluate.STAGE, decode.STAGE]
+from pipeline.stages import decode, evaluate, index, prepare, tokenizer, train
+
+STAGES = [tokenizer.STAGE, prepare.STAGE, train.STAGE, index.STAGE, evaluate.STAGE, decode.STAGE]
 
