@@ -83,11 +83,14 @@ def embed(model: torch.nn.Module, token_lists: list[list[int]], *, batch_size: i
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k best finite scores, best first; ties go to the lower index (deterministic)."""
-    finite = np.flatnonzero(np.isfinite(scores))
-    if len(finite) > k:
-        cut = np.partition(scores[finite], len(finite) - k)[len(finite) - k]  # the k-th best value
-        finite = finite[scores[finite] >= cut]
-    return finite[np.lexsort((finite, -scores[finite]))][:k]
+    if k < len(scores):
+        cut = scores[np.argpartition(-scores, k - 1)[k - 1]]  # the k-th best value
+        better = np.flatnonzero(scores > cut)
+        idx = np.concatenate([better, np.flatnonzero(scores == cut)[:k - len(better)]])
+    else:
+        idx = np.arange(len(scores))
+    idx = idx[np.isfinite(scores[idx])]
+    return idx[np.lexsort((idx, -scores[idx]))]
 
 
 class Retriever:
@@ -156,7 +159,7 @@ class Retriever:
         return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
 
     def _bm25_search(self, query: str, k: int, banned: np.ndarray) -> list[tuple[int, float]]:
-        scores = self._bm25_scores(query).astype(np.float64)
+        scores = self._bm25_scores(query)
         scores[banned] = -np.inf
         top = _top(scores, k)
         return list(zip(top.tolist(), scores[top].tolist()))
@@ -181,7 +184,7 @@ class Retriever:
         out = []
         for query, d_rows, b, n in zip(queries, dense_rows, banned, depth):
             fused = np.zeros(len(self))
-            sparse = _top(self._bm25_scores(query).astype(np.float64), n)
+            sparse = _top(self._bm25_scores(query), n)
             for ranking in (sparse, d_rows[(d_rows >= 0)][:n]):
                 fused[ranking] += 1.0 / (RRF_K + 1 + np.arange(len(ranking)))
             fused[fused == 0] = -np.inf  # in neither list: not a candidate

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from tokenization.bpe import split_text, splits_safely
-from tokenization.documents import DocOptions, doc_hash, located_documents
+from tokenization.bpe import BATCH_CHARS, split_text, splits_safely
+from tokenization.documents import DocOptions, batches, doc_hash, located_documents
 from tokenization.inputs import TEXT_SUFFIXES, InputFile, Piece, suffix_of
 from tokenization.readers import SkipLog
 
@@ -71,56 +71,75 @@ def windows(n: int, passage_tokens: int, overlap: int) -> list[tuple[int, int]]:
     return out
 
 
-def token_offsets(tok, text: str) -> list[tuple[int, int]]:
-    """The (start, end) character offsets of each token of `text`, encoded in pieces when that is exact."""
-    pieces = list(split_text(text)) if splits_safely(tok) else [text]
-    out: list[tuple[int, int]] = []
-    base = 0
-    for piece, enc in zip(pieces, tok.encode_batch(pieces, add_special_tokens=False)):
-        out.extend((base + a, base + b) for a, b in enc.offsets)
-        base += len(piece)
+def token_offsets(tok, texts: list[str], *, cut: bool) -> list[list[tuple[int, int]]]:
+    """The (start, end) character offsets of each token of each text, encoded in one batch; with `cut`
+    (`splits_safely(tok)`, asked once: it serialises the tokenizer) long texts are encoded in pieces."""
+    owners, pieces, bases = [], [], []
+    for i, text in enumerate(texts):
+        base = 0
+        for piece in (split_text(text) if cut else (text,)):
+            owners.append(i)
+            pieces.append(piece)
+            bases.append(base)
+            base += len(piece)
+    out: list[list[tuple[int, int]]] = [[] for _ in texts]
+    for owner, base, enc in zip(owners, bases, tok.encode_batch(pieces, add_special_tokens=False)):
+        out[owner].extend((base + a, base + b) for a, b in enc.offsets)
     return out
 
 
 def chunk_text(tok, text: str, opts: PassageOptions) -> list[tuple[int, int, int]]:
     """(start char, end char, tokens) of each passage of one document."""
-    offsets = token_offsets(tok, text)
+    return _spans(token_offsets(tok, [text], cut=splits_safely(tok))[0], opts)
+
+
+def _spans(offsets: list[tuple[int, int]], opts: PassageOptions) -> list[tuple[int, int, int]]:
     return [(offsets[a][0], offsets[b - 1][1], b - a) for a, b in windows(len(offsets), opts.passage_tokens, opts.overlap)]
 
 
-def _document_passages(tok, text: str, line: int, counts_lines: bool, opts: PassageOptions
+def _document_passages(text: str, spans: list[tuple[int, int, int]], line: int, counts_lines: bool
                        ) -> Iterator[tuple[int, str, int]]:
     """(line, text, tokens) of each passage; a text file's line advances through the document."""
     at, seen = 0, line
-    for a, b, n in chunk_text(tok, text, opts):
+    for a, b, n in spans:
         if counts_lines:
             seen += text.count("\n", at, a)
             at = a
         yield seen, text[a:b], n
 
 
-def file_passages(files: Iterable[InputFile], tok, doc_opts: DocOptions, opts: PassageOptions
-                  ) -> tuple[pa.Table, SkipLog, Counter]:
-    """The passages of whole files, in order (ids 0.. within this table; `assemble` renumbers), with what was
-    skipped and filtered on the way. Duplicate documents within these files are kept once."""
-    log, filtered = SkipLog(), Counter()
-    names = {f.uri: f.name or f.uri for f in files}
-    pieces = [Piece(f.uri, 0, f.size, f.size) for f in files]
-    cols: dict[str, list] = {k: [] for k in ("doc_hash", "file", "line", "text", "n_tokens")}
+def _unique(docs: Iterable[tuple[Piece, int, str]], filtered: Counter) -> Iterator[tuple[Piece, int, str, int]]:
+    """The documents with their hash, each text once (later copies counted as `duplicate`)."""
     seen: set[int] = set()
-    for piece, line, text in located_documents(pieces, doc_opts, log, filtered):
+    for piece, line, text in docs:
         h = doc_hash(text)
         if h in seen:
             filtered["duplicate"] += 1
             continue
         seen.add(h)
-        counts_lines = suffix_of(piece.uri) in TEXT_SUFFIXES
-        for at, passage, n in _document_passages(tok, text, line, counts_lines, opts):
-            cols["doc_hash"].append(h)
-            cols["file"].append(names[piece.uri])
-            cols["line"].append(at)
-            cols["text"].append(passage)
-            cols["n_tokens"].append(n)
+        yield piece, line, text, h
+
+
+def file_passages(files: Iterable[InputFile], tok, doc_opts: DocOptions, opts: PassageOptions
+                  ) -> tuple[pa.Table, SkipLog, Counter]:
+    """The passages of whole files, in order (ids 0.. within this table; `assemble` renumbers), with what was
+    skipped and filtered on the way. Duplicate documents within these files are kept once. Documents are
+    encoded in batches of about `BATCH_CHARS` characters."""
+    log, filtered = SkipLog(), Counter()
+    names = {f.uri: f.name or f.uri for f in files}
+    pieces = [Piece(f.uri, 0, f.size, f.size) for f in files]
+    cut = splits_safely(tok)
+    cols: dict[str, list] = {k: [] for k in ("doc_hash", "file", "line", "text", "n_tokens")}
+    docs = _unique(located_documents(pieces, doc_opts, log, filtered), filtered)
+    for batch in batches(docs, BATCH_CHARS, size=lambda d: len(d[2])):
+        for (piece, line, text, h), offsets in zip(batch, token_offsets(tok, [d[2] for d in batch], cut=cut)):
+            counts_lines = suffix_of(piece.uri) in TEXT_SUFFIXES
+            for at, passage, n in _document_passages(text, _spans(offsets, opts), line, counts_lines):
+                cols["doc_hash"].append(h)
+                cols["file"].append(names[piece.uri])
+                cols["line"].append(at)
+                cols["text"].append(passage)
+                cols["n_tokens"].append(n)
     table = pa.table({"id": np.arange(len(cols["text"]), dtype=np.int64), **cols}, schema=PASSAGE_SCHEMA)
     return table, log, filtered
 

@@ -11,7 +11,7 @@ order (so the output is byte-identical for any `index.num_tasks`), builds the
 `model.retrieval.Retriever` of `index.kind` (dense kinds embed with the
 trained model, on a GPU when the cluster has one) and writes its files; the
 driver adds `index.json` (counts, sizes, build seconds) and `skipped.jsonl`.
-`build_index` is the same work without Ray.
+`pipeline.ray_tasks.build_index` is the same work without Ray.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline import ray_tasks as tasks
-from pipeline.artifacts import MODEL_FILES
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
-from pipeline.engine.store import StageRef
+from pipeline.ray_tasks import DENSE_KINDS
 from pipeline.schema import Config, IndexConfig, as_dict, fingerprint_view
 from tokenization.inputs import (
     InputError,
@@ -38,8 +36,6 @@ from tokenization.inputs import (
     resolve_inputs,
 )
 from tokenization.passages import PassageOptions
-
-DENSE_KINDS = ("dense", "hybrid")
 
 
 def knowledge_files(ix: IndexConfig, ignored: Counter | None = None) -> list[InputFile]:
@@ -66,44 +62,6 @@ def groups(n: int, num_tasks: int | None) -> list[list[int]]:
     """Contiguous groups of file indices, one per task (default: one file each)."""
     k = min(n, num_tasks or n)
     return [g.tolist() for g in np.array_split(np.arange(n), k) if len(g)]
-
-
-def build_index(tables: list, out_dir: Path, *, kind: str, tokenizer_path: str | None = None,
-                model_dir: str | None = None) -> dict[str, Any]:
-    """Assemble the passage tables of the file groups (in order), build the retriever, save it into `out_dir`:
-    its files and sizes."""
-    from model.retrieval import Retriever
-    from tokenization.passages import assemble
-
-    table, duplicates = assemble(tables)
-    if table.num_rows == 0:
-        return {"passages": 0, "files": [], "duplicates": duplicates}
-    model = tok = None
-    t0 = time.perf_counter()
-    if kind in DENSE_KINDS:
-        import torch
-
-        from model import load_model
-        from tokenization.bpe import load_tokenizer
-
-        model, _ = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-        tok = load_tokenizer(tokenizer_path)
-    retriever = Retriever.build(table, kind, model=model, tokenizer=tok)
-    files = retriever.save(out_dir)
-    return {"passages": len(retriever), "documents": len(np.unique(table.column("doc_hash").to_numpy())),
-            "files": files, "duplicates": duplicates, "build_s": time.perf_counter() - t0,
-            "sizes": {f: (out_dir / f).stat().st_size for f in files}}
-
-
-def _build_task(output: StageRef, tokenizer: StageRef, train: StageRef | None, kind: str, *tables) -> dict[str, Any]:
-    """On the task's node: open the tokenizer and model there, build, publish the files to the stage folder. The
-    tables come as separate arguments: Ray resolves object refs passed at the top level, not inside a list."""
-    out_dir = output.output_dir()
-    info = build_index(list(tables), out_dir, kind=kind,
-                       tokenizer_path=str(tokenizer.local(["tokenizer.json"]) / "tokenizer.json"),
-                       model_dir=str(train.local(list(MODEL_FILES))) if train is not None else None)
-    output.publish(out_dir, info["files"])
-    return info
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -137,7 +95,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         build_opts["num_gpus"] = 0  # BM25 runs on CPUs
     ctx.progress.update(status=f"building the {ix.kind} index (one Ray task)")
     train = ctx.inputs["train"].ref if ix.kind in DENSE_KINDS else None
-    info = ray.get(ray.remote(_build_task).options(**build_opts).remote(ctx.output, ctx.inputs["tokenizer"].ref,
+    info = ray.get(ray.remote(tasks.index_task).options(**build_opts).remote(ctx.output, ctx.inputs["tokenizer"].ref,
                                                                         train, ix.kind, *tables))
     parts = ray.get(counts)  # the tables went to the build task, never through the driver
     return _finish(ctx, info, parts, len(files), chunk_s, sum(ignored.values()))
