@@ -84,9 +84,10 @@ def embed(model: torch.nn.Module, token_lists: list[list[int]], *, batch_size: i
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k best finite scores, best first; ties go to the lower index (deterministic)."""
     if k < len(scores):
-        cut = scores[np.argpartition(-scores, k - 1)[k - 1]]  # the k-th best value
-        better = np.flatnonzero(scores > cut)
-        idx = np.concatenate([better, np.flatnonzero(scores == cut)[:k - len(better)]])
+        idx = np.argpartition(-scores, k - 1)[:k]
+        cut = scores[idx].min()  # the k-th best value
+        if np.count_nonzero(scores[idx] == cut) < np.count_nonzero(scores == cut):  # ties cross the cut: lowest first
+            idx = np.concatenate([idx[scores[idx] > cut], np.flatnonzero(scores == cut)[:k - np.count_nonzero(scores[idx] > cut)]])
     else:
         idx = np.arange(len(scores))
     idx = idx[np.isfinite(scores[idx])]

@@ -159,3 +159,16 @@ def test_k_beyond_the_index_and_dense_without_a_model_are_clear_errors(passages,
     Retriever.build(passages, "dense", model=tiny_model, tokenizer=tok).save(tmp_path / "d")
     with pytest.raises(ValueError, match="pass model= and tokenizer="):
         Retriever.load(tmp_path / "d")
+
+
+def test_top_k_is_exact_and_breaks_ties_by_lower_index():
+    from model.retrieval import _top
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        scores = rng.integers(0, 4, n).astype(np.float32)  # many ties
+        scores[rng.random(n) < 0.2] = -np.inf  # excluded passages
+        k = int(rng.integers(1, n + 1))
+        want = sorted((i for i in range(n) if np.isfinite(scores[i])), key=lambda i: (-scores[i], i))[:k]
+        assert _top(scores, k).tolist() == want

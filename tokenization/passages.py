@@ -84,7 +84,10 @@ def token_offsets(tok, texts: list[str], *, cut: bool) -> list[list[tuple[int, i
             base += len(piece)
     out: list[list[tuple[int, int]]] = [[] for _ in texts]
     for owner, base, enc in zip(owners, bases, tok.encode_batch(pieces, add_special_tokens=False)):
-        out[owner].extend((base + a, base + b) for a, b in enc.offsets)
+        if base == 0 and not out[owner]:  # a whole text (the usual case): its offsets as they are
+            out[owner] = enc.offsets
+        else:
+            out[owner].extend((base + a, base + b) for a, b in enc.offsets)
     return out
 
 
