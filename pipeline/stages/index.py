@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import ray_tasks as tasks
-from pipeline.cluster.resources import task_options
+from pipeline.cluster.resources import cluster_gpus, task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.ray_tasks import DENSE_KINDS
 from pipeline.schema import Config, IndexConfig, as_dict, fingerprint_view
@@ -91,8 +91,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         ctx.progress.update(done=done, total=len(files), status=f"cut {done}/{len(files)} files into passages")
     chunk_s = time.monotonic() - t0
     build_opts = task_options(res, "index", max_retries=ix.max_retries)
-    if ix.kind not in DENSE_KINDS and res.num_gpus is None:
-        build_opts["num_gpus"] = 0  # BM25 runs on CPUs
+    if res.num_gpus is None:  # embedding runs on a GPU when the cluster has one; BM25 on CPUs
+        build_opts["num_gpus"] = 1.0 if ix.kind in DENSE_KINDS and cluster_gpus() > 0 else 0.0
     ctx.progress.update(status=f"building the {ix.kind} index (one Ray task)")
     train = ctx.inputs["train"].ref if ix.kind in DENSE_KINDS else None
     info = ray.get(ray.remote(tasks.index_task).options(**build_opts).remote(ctx.output, ctx.inputs["tokenizer"].ref,
