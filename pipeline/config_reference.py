@@ -112,7 +112,7 @@ def sections() -> list[tuple[str, type, list[str]]]:
             kind, suffix = _section_of(field.annotation)
             if kind is None:
                 continue
-            siblings = [n for n, f in model.model_fields.items() if f.annotation is kind]
+            siblings = [n for n, f in model.model_fields.items() if section_type(f.annotation) is kind]
             if len(siblings) > 1 and kind in seen:
                 continue
             seen.add(kind)
@@ -142,13 +142,19 @@ def _is_section(kind: Any) -> bool:
     return isinstance(kind, type) and (issubclass(kind, BaseModel) or dataclasses.is_dataclass(kind))
 
 
+def section_type(annotation: Any) -> Any:
+    """The section a field holds (`IndexConfig | None` -> `IndexConfig`, `list[TaskSpec]` -> `TaskSpec`), else the
+    annotation."""
+    return _section_of(annotation)[0] or annotation
+
+
 def reference() -> str:
     """The Markdown reference: top-level keys, then one table per section."""
     from pipeline.schema import Config, changes_output
 
     lines = ["| key | default | description |", "|---|---|---|"]
     for name, doc in field_docs(Config).items():
-        if not _is_section(Config.model_fields[name].annotation):
+        if not _is_section(section_type(Config.model_fields[name].annotation)):
             lines.append(f"| `{name}` | {_show(_default(Config, name))} | {doc or ''} |")
     parts = ["\n".join(lines)]
     for key, kind, siblings in sections():

@@ -3,18 +3,23 @@
 Ray ships a task to a worker by reference to its module; importing a stage
 module there would drag in every stage (torch, DeepSpeed) just to tokenize.
 These wrappers import only `tokenization` (numpy, pyarrow, tokenizers) and the
-fault-injection hook, and call the plain functions that do the work.
+fault-injection hook, and call the plain functions that do the work. The index
+task imports `model.retrieval` (and so torch) only when it runs.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline import faults
 from pipeline.engine.store import StageRef
+
+DENSE_KINDS = ("dense", "hybrid")  # index kinds that embed with the trained model
 
 
 def _limit_threads(num_cpus: float) -> None:
@@ -48,10 +53,61 @@ def tokenize_task(shards: list, indices: list[int], drops: list[np.ndarray], kw:
 def tokenizer_task(files: list, **kw: Any) -> tuple[dict[str, float], str]:
     """Train the BPE; returns its metrics and tokenizer.json's text (small) for the driver to commit."""
     import tempfile
-    from pathlib import Path
 
     from tokenization.bpe import build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         metrics = build_tokenizer(files, out_dir=tmp, **kw)
         return metrics, (Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")
+
+
+def passages_task(files: list, tokenizer: StageRef, doc_opts: Any, opts: Any, num_cpus: float) -> tuple[Any, dict]:
+    """Cut whole knowledge files into passages (the `index` stage): (the table, what was skipped and filtered),
+    two Ray objects, so the tables go to the index-building task and only the counts to the driver."""
+    from tokenization.bpe import load_tokenizer
+    from tokenization.passages import file_passages
+
+    _limit_threads(num_cpus)
+    tok = load_tokenizer(tokenizer.local(["tokenizer.json"]) / "tokenizer.json")
+    table, log, filtered = file_passages(files, tok, doc_opts, opts)
+    return table, {"skipped": dict(log.counts), "skipped_records": log.records, "filtered": dict(filtered)}
+
+
+def build_index(tables: list, out_dir: Path, *, kind: str, tokenizer_path: str | None = None,
+                model_dir: str | None = None) -> dict[str, Any]:
+    """Assemble the passage tables of the file groups (in order), build the retriever, save it into `out_dir`:
+    its files and sizes."""
+    from model.retrieval import Retriever
+    from tokenization.passages import assemble
+
+    table, duplicates = assemble(tables)
+    if table.num_rows == 0:
+        return {"passages": 0, "files": [], "duplicates": duplicates}
+    model = tok = None
+    t0 = time.perf_counter()
+    if kind in DENSE_KINDS:
+        import torch
+
+        from model import load_model
+        from tokenization.bpe import load_tokenizer
+
+        model, _ = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+        tok = load_tokenizer(tokenizer_path)
+    retriever = Retriever.build(table, kind, model=model, tokenizer=tok)
+    files = retriever.save(out_dir)
+    return {"passages": len(retriever), "documents": len(np.unique(table.column("doc_hash").to_numpy())),
+            "files": files, "duplicates": duplicates, "build_s": time.perf_counter() - t0,
+            "sizes": {f: (out_dir / f).stat().st_size for f in files}}
+
+
+def index_task(output: StageRef, tokenizer: StageRef, train: StageRef | None, kind: str, *tables) -> dict[str, Any]:
+    """On the task's node: open the tokenizer and model there, build, publish the files to the stage folder. The
+    tables come as separate arguments: Ray resolves object refs passed at the top level, not inside a list."""
+    from pipeline.artifacts import MODEL_FILES
+
+    out_dir = output.output_dir()
+    info = build_index(list(tables), out_dir, kind=kind,
+                       tokenizer_path=str(tokenizer.local(["tokenizer.json"]) / "tokenizer.json"),
+                       model_dir=str(train.local(list(MODEL_FILES))) if train is not None else None)
+    output.publish(out_dir, info["files"])
+    return info

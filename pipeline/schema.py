@@ -88,6 +88,37 @@ class DataConfig(DocOptions):
             raise ValueError(f"DataConfig.max_retries: must be >= 0, got {self.max_retries}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class IndexConfig(DocOptions):
+    """The `index` section: a knowledge corpus for retrieval, read like `data` (`DocOptions`), cut into passages."""
+
+    inputs: list[str]
+    """The knowledge corpus, in any form data.inputs accepts (files, folders, globs, pyarrow.fs URIs, pkg://). Its files are identified by content, so editing one reruns only `index` and what reads it, never `train`."""
+    passage_tokens: int = 128
+    """Tokens per passage (the tokenizer stage's tokenizer)."""
+    overlap: int = 16
+    """Tokens each passage shares with the one before it."""
+    kind: Literal["bm25", "dense", "hybrid"] = "bm25"
+    """bm25 (bm25s, word tokens); dense (faiss inner product over the trained model's mean-pooled, L2-normalised final hidden states: needs `train`); hybrid (reciprocal rank fusion of both)."""
+    num_tasks: int | None = _no_fp(None)
+    """Ray tasks that cut passages (default: one per input file); never changes the output."""
+    max_retries: int = _no_fp(3)
+    """Ray retries of a task whose worker died."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.inputs:
+            raise ValueError("IndexConfig.inputs: give at least one file, folder or glob")
+        if self.passage_tokens < 1:
+            raise ValueError(f"IndexConfig.passage_tokens: must be >= 1, got {self.passage_tokens}")
+        if not 0 <= self.overlap < self.passage_tokens:
+            raise ValueError(f"IndexConfig.overlap: must be in [0, passage_tokens={self.passage_tokens}), got {self.overlap}")
+        if self.num_tasks is not None and self.num_tasks < 1:
+            raise ValueError(f"IndexConfig.num_tasks: must be >= 1, got {self.num_tasks}")
+        if self.max_retries < 0:
+            raise ValueError(f"IndexConfig.max_retries: must be >= 0, got {self.max_retries}")
+
+
 class TokenizerConfig(_Section):
     vocab_size: int = Field(4096, ge=260, le=1 << 20, description="BPE vocabulary size, including the 256 byte tokens and specials.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
@@ -221,6 +252,7 @@ class ResourcesConfig(_Section):
     evaluate: StageResources = Field(default_factory=StageResources, description="The evaluation task.")
     decode: StageResources = Field(default_factory=StageResources, description="The decoding task.")
     tasks: StageResources = Field(default_factory=StageResources, description="The task-evaluation task.")
+    index: StageResources = Field(default_factory=StageResources, description="Each passage task and the index-building task (a GPU for it by default when index.kind embeds and the cluster has GPUs).")
 
 
 class TrackingConfig(_Section):
@@ -246,6 +278,7 @@ class Config(_Section):
     evaluate: EvalOptions = Field(default_factory=EvalOptions)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     tasks: TasksConfig | None = Field(None, description="Task evaluation (multiple choice, cloze); the `tasks` stage runs only when this section is set.")
+    index: IndexConfig | None = Field(None, description="A knowledge corpus to index for retrieval; the `index` stage runs only when this section is given.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

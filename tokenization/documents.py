@@ -19,7 +19,7 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from tokenization.inputs import Piece
-from tokenization.readers import SkipLog, iter_documents
+from tokenization.readers import SkipLog, iter_documents, iter_located_documents
 
 T = TypeVar("T")
 
@@ -63,15 +63,33 @@ def documents(pieces: Iterable[Piece], opts: DocOptions, log: SkipLog, filtered:
     for piece in pieces:
         for text in iter_documents(piece, text_field=opts.text_field, log=skip_log,
                                    replace_invalid_utf8=opts.replace_invalid_utf8, max_chars=opts.max_chars):
-            if opts.normalize == "nfc":
-                text = unicodedata.normalize("NFC", text)
-            if len(text.strip()) < opts.min_chars:
-                filtered["too_short"] += 1
-                continue
-            if opts.max_chars is not None and len(text) > opts.max_chars:
-                filtered["too_long"] += 1
-                continue
-            yield text
+            if (text := _cleaned(text, opts, filtered)) is not None:
+                yield text
+
+
+def located_documents(pieces: Iterable[Piece], opts: DocOptions, log: SkipLog, filtered: Counter
+                      ) -> Iterator[tuple[Piece, int, str]]:
+    """`documents` with where each starts: (piece, 1-based line or Parquet row within the piece, text)."""
+    skip_log = log if opts.on_error == "skip" else None
+    for piece in pieces:
+        for line, text in iter_located_documents(piece, text_field=opts.text_field, log=skip_log,
+                                                 replace_invalid_utf8=opts.replace_invalid_utf8,
+                                                 max_chars=opts.max_chars):
+            if (text := _cleaned(text, opts, filtered)) is not None:
+                yield piece, line, text
+
+
+def _cleaned(text: str, opts: DocOptions, filtered: Counter) -> str | None:
+    """The document normalised, or None when a length filter drops it (counted in `filtered`)."""
+    if opts.normalize == "nfc":
+        text = unicodedata.normalize("NFC", text)
+    if len(text.strip()) < opts.min_chars:
+        filtered["too_short"] += 1
+        return None
+    if opts.max_chars is not None and len(text) > opts.max_chars:
+        filtered["too_long"] += 1
+        return None
+    return text
 
 
 def doc_hash(text: str) -> int:

@@ -39,8 +39,8 @@ def row_group_start(meta, i: int) -> int:
 
 
 def parquet_documents(piece: Piece, name: str, text_field: str, bad: Bad, replaced: Callable[[], None] | None
-                      ) -> Iterator[str]:
-    """The documents of the row groups `piece` owns. `replaced` (replace_invalid_utf8) is called for each value
+                      ) -> Iterator[tuple[int, str]]:
+    """The (1-based row, document) pairs of the row groups `piece` owns. `replaced` (replace_invalid_utf8) is called for each value
     whose invalid UTF-8 was replaced; without it such a value is `invalid_utf8`."""
     import pyarrow.parquet as pq
 
@@ -65,7 +65,8 @@ def parquet_documents(piece: Piece, name: str, text_field: str, bad: Bad, replac
             row += rows
 
 
-def _row_group(pf, i: int, first_row: int, name: str, text_field: str, bad: Bad, replaced) -> Iterator[str]:
+def _row_group(pf, i: int, first_row: int, name: str, text_field: str, bad: Bad, replaced
+               ) -> Iterator[tuple[int, str]]:
     row = first_row
     try:
         for batch in pf.iter_batches(batch_size=8192, row_groups=[i], columns=[text_field], use_threads=False):
@@ -81,7 +82,7 @@ def _row_group(pf, i: int, first_row: int, name: str, text_field: str, bad: Bad,
                     if value is None:
                         continue
                 if isinstance(value, str):
-                    yield value
+                    yield row, value
                 else:
                     where = f"{name}: row {row}"
                     bad("not_a_string", f"{where}: column {text_field!r} is {type(value).__name__}, not a string", where)

@@ -135,6 +135,17 @@ def iter_documents(piece: Piece | str, *, text_field: str = "text", log: SkipLog
                    replace_invalid_utf8: bool = False, max_chars: int | None = None) -> Iterator[str]:
     """The documents of one piece in file order. `log=None` means on_error=raise. With `max_chars`, a text file
     too large to hold that many characters is read only far enough to yield a longer text (to be dropped)."""
+    for _, text in iter_located_documents(piece, text_field=text_field, log=log,
+                                          replace_invalid_utf8=replace_invalid_utf8, max_chars=max_chars):
+        yield text
+
+
+def iter_located_documents(piece: Piece | str, *, text_field: str = "text", log: SkipLog | None = None,
+                           replace_invalid_utf8: bool = False, max_chars: int | None = None
+                           ) -> Iterator[tuple[int, str]]:
+    """`iter_documents` with where each document starts: (1-based line, text); the row for Parquet, 1 for a text
+    file. Line numbers count from the piece's first line, so they are the file's for a whole file (what the
+    retrieval index reads: its passages cite file:line)."""
     if isinstance(piece, str):  # a whole file, size unknown (-1): read to the end
         piece = Piece(piece, 0, -1, -1)
     uri, kind, name = piece.uri, suffix_of(piece.uri), display(piece.uri)
@@ -154,13 +165,13 @@ def iter_documents(piece: Piece | str, *, text_field: str = "text", log: SkipLog
         _bad(log, "unreadable", f"{name}: cannot read ({one_line(e)})", name)
 
 
-def _text(uri: str, name: str, log: SkipLog | None, replace: bool, max_chars: int | None) -> Iterator[str]:
+def _text(uri: str, name: str, log: SkipLog | None, replace: bool, max_chars: int | None) -> Iterator[tuple[int, str]]:
     # A character is at most 4 bytes: a file holding more than this many bytes has more than max_chars characters.
     limit = None if max_chars is None else len(BOM) + 4 * (max_chars + 1)
     with open_input(uri) as f:
         data = f.read() if limit is None else f.read(limit)
         if limit is not None and len(data) == limit and f.read(1):  # too long, whatever it holds: read no further
-            yield str(memoryview(data)[len(BOM) if data.startswith(BOM) else 0:], "utf-8", "replace")
+            yield 1, str(memoryview(data)[len(BOM) if data.startswith(BOM) else 0:], "utf-8", "replace")
             return
     start = len(BOM) if data.startswith(BOM) else 0
     view = memoryview(data)[start:]  # no copy to drop the BOM
@@ -173,33 +184,33 @@ def _text(uri: str, name: str, log: SkipLog | None, replace: bool, max_chars: in
     text = decode_utf8(view, name, replace=replace, log=log, offset=start)
     del view, data  # the bytes and the text of a large file are held together only while decoding
     if text is not None:
-        yield text
+        yield 1, text
 
 
 def _records(lines: Numbered, line_no: Callable[[int], int], name: str, text_field: str, log: SkipLog | None,
-             replace: bool) -> Iterator[str]:
-    """The documents of numbered JSON Lines; `line_no` turns a number into the file's line number (computed only
+             replace: bool) -> Iterator[tuple[int, str]]:
+    """The (line number, document) pairs of numbered JSON Lines; `line_no` turns a number into the file's line number (computed only
     for a bad line)."""
     for n, line in lines:
         if _BLANK.fullmatch(line):
             continue
         record = parse_line(line, text_field)
         if isinstance(record, str):
-            yield record
+            yield n, record
             continue
         reason, detail = record
         if reason == "invalid_utf8" and replace:
             record = parse_line(line, text_field, replace=True)
             if isinstance(record, str):
                 _replaced(log)
-                yield record
+                yield n, record
                 continue
             reason, detail = record
         where = f"{name}:{line_no(n)}"
         _bad(log, reason, f"{where}: {detail}", where)
 
 
-def _jsonl(piece: Piece, name: str, text_field: str, log: SkipLog | None, replace: bool) -> Iterator[str]:
+def _jsonl(piece: Piece, name: str, text_field: str, log: SkipLog | None, replace: bool) -> Iterator[tuple[int, str]]:
     uri = piece.uri
     if piece.whole:
         with open_input(uri) as f:
@@ -238,7 +249,8 @@ def _decompressed(raw, kind: str):
     return raw
 
 
-def _stream(uri: str, kind: str, name: str, text_field: str, log: SkipLog | None, replace: bool) -> Iterator[str]:
+def _stream(uri: str, kind: str, name: str, text_field: str, log: SkipLog | None, replace: bool
+            ) -> Iterator[tuple[int, str]]:
     """Compressed JSON Lines and `.json`, read front to back in chunks; where reading fails, one `unreadable`
     skip naming the first line lost (or the file, if none was read), and the lines before it kept."""
     with open_input(uri) as raw, _decompressed(raw, kind) as f:
@@ -246,7 +258,7 @@ def _stream(uri: str, kind: str, name: str, text_field: str, log: SkipLog | None
         first = reader.peek()
         if kind == ".json" and first == b"[":
             for line, value, error in iter_json_array(reader.read):
-                yield from _element(value, error, f"{name}:{line}", text_field, log, replace)
+                yield from _element(value, error, line, name, text_field, log, replace)
         else:
             yield from _records(reader.lines(), lambda n: n, name, text_field, log, replace)
     if reader.failure:
@@ -255,14 +267,16 @@ def _stream(uri: str, kind: str, name: str, text_field: str, log: SkipLog | None
         _bad(log, "empty_file", f"{name}: empty file", name)
 
 
-def _element(value, error: str | None, where: str, text_field: str, log: SkipLog | None, replace: bool) -> Iterator[str]:
-    """The document of one `.json` array element, or its skip."""
+def _element(value, error: str | None, line: int, name: str, text_field: str, log: SkipLog | None, replace: bool
+             ) -> Iterator[tuple[int, str]]:
+    """The document of one `.json` array element (with its line), or its skip."""
+    where = f"{name}:{line}"
     result = ("malformed_json", error) if error else record_text(value, text_field, strings=True)
     if not isinstance(result, str) and result[0] == "invalid_utf8" and replace:
         result = record_text(value, text_field, replace=True, strings=True)
         _replaced(log)
     if isinstance(result, str):
-        yield result
+        yield line, result
     else:
         _bad(log, result[0], f"{where}: {result[1]}", where)
 

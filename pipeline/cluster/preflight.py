@@ -132,15 +132,21 @@ def first_difference(driver: Files, node: Files | str) -> str | None:
 
 
 def check_inputs(cfg: Config, nodes: list[dict[str, Any]]) -> None:
-    """Resolve `data.inputs` in a task pinned to every node and refuse a node that sees other files than the driver."""
+    """Resolve `data.inputs` (and `index.inputs`, with an index section) in a task pinned to every node and refuse
+    a node that sees other files than the driver."""
+    if len(nodes) < 2:
+        return
+    _check_specs("data.inputs", list(cfg.data.inputs), nodes)
+    if cfg.index is not None:
+        _check_specs("index.inputs", list(cfg.index.inputs), nodes)
+
+
+def _check_specs(key: str, specs: list[str], nodes: list[dict[str, Any]]) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tokenization.inputs import resolve_inputs
 
-    if len(nodes) < 2:
-        return
-    specs = list(cfg.data.inputs)
     driver = [(f.uri, f.size) for f in resolve_inputs(specs)]  # an InputError here is the driver's own, as in plan
     probe = ray.remote(num_cpus=0, max_retries=0)(_resolve_probe)
     refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
@@ -149,7 +155,7 @@ def check_inputs(cfg: Config, nodes: list[dict[str, Any]]) -> None:
     if differ:
         node, how = differ[0]
         raise ClusterError(
-            f"data.inputs: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) {how}; on a multi-node cluster "
+            f"{key}: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) {how}; on a multi-node cluster "
             "every node must see the same input files (a shared filesystem mounted at the same path on every node, or "
             "object storage), or the output would depend on where a task ran"
             + (f" ({len(differ)} of {len(nodes)} nodes differ)" if len(differ) > 1 else ""))

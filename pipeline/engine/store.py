@@ -338,7 +338,9 @@ class StageRef:
     def output_dir(self) -> Path:
         store = self.store()
         if store.is_local:
-            path = Path(store.base, self.stage, self.generation) if self.generation else Path(store.stage_path(self.stage, self.fingerprint))
+            # a rebuild's generation lives under _generations/ (not beside the stage folder's link)
+            path = (store.generations.folder(self.stage, self.generation) if self.generation
+                    else Path(store.stage_path(self.stage, self.fingerprint)))
             path.mkdir(parents=True, exist_ok=True)
             return path
         return Path(tempfile.mkdtemp(prefix=f"llmpipe-{self.stage}-"))

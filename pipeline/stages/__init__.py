@@ -1,5 +1,8 @@
-"""The stages, in topological order: tokenizer -> prepare -> train -> evaluate, tasks (optional), decode."""
+"""The stages, in topological order: tokenizer -> prepare -> train -> (index) -> evaluate, (tasks), decode.
 
-from pipeline.stages import decode, evaluate, prepare, tasks, tokenizer, train
+`index` and `tasks` are optional: an `index:` / `tasks:` section enables them. `index` needs the tokenizer, and
+`train` when it embeds; `tasks` needs the tokenizer and `train`."""
 
-STAGES = [tokenizer.STAGE, prepare.STAGE, train.STAGE, evaluate.STAGE, tasks.STAGE, decode.STAGE]
+from pipeline.stages import decode, evaluate, index, prepare, tasks, tokenizer, train
+
+STAGES = [tokenizer.STAGE, prepare.STAGE, train.STAGE, index.STAGE, evaluate.STAGE, tasks.STAGE, decode.STAGE]
