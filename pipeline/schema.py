@@ -197,7 +197,7 @@ class EvaluateConfig(EvalOptions):
     """The `evaluate` section: the scoring sweep (`EvalOptions`) and, optionally, retrieval."""
 
     retrieve: RetrieveOptions | None = None
-    """Also score validation documents with retrieved passages in front (needs an `index:` section): `rag/...` metrics. Unset: off, and the stage's fingerprint is as without the key."""
+    """Also score validation documents with retrieved passages in front (needs an `index:` section): {k: 4, query_tokens: 32, target_tokens: 32, max_docs: 256}, see "Retrieval-augmented generation"; `rag/...` metrics. Unset: off, and the stage's fingerprint is as without the key."""
 
 
 @dataclass(frozen=True, kw_only=True)
