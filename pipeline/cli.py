@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import sys
+from pathlib import Path
 
 from model.generate import SamplingOptions
 from pipeline.config import load_config
@@ -103,6 +104,8 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-samples", type=int, default=d.num_samples, help="completions per prompt")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--eos-token", default=EOS, help="stop at this token")
+    g.add_argument("--retrieve", type=int, metavar="K", help="prepend each prompt's K best passages from --index")
+    g.add_argument("--index", metavar="FOLDER", help="an index stage folder (the store's index/<fingerprint>)")
     e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2 or LLaMA folder")
     e.add_argument("target", help=target)
     e.add_argument("out", help="the folder to write")
@@ -276,7 +279,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from model import load_model
-    from pipeline.completion import complete
+    from pipeline.rag import complete_with_retrieval, open_retriever
     from pipeline.tracking.lookup import resolve_model_dir
     from tokenization.bpe import load_tokenizer
 
@@ -286,11 +289,23 @@ def _generate(args: argparse.Namespace) -> None:
                                length_penalty=args.length_penalty, num_samples=args.num_samples, seed=args.seed)
     except ValueError as e:
         raise ConfigError(f"generate: {e}") from None
+    if args.retrieve is not None and args.retrieve < 1:
+        raise ConfigError(f"generate --retrieve: must be >= 1, got {args.retrieve}")
+    if args.retrieve and not args.index:
+        raise ConfigError("generate --retrieve: retrieval needs an index: pass --index FOLDER (an index stage folder)")
+    if args.index and not (Path(args.index) / "retriever.json").is_file():
+        raise TargetError(f"generate --index: {args.index} is not an index stage folder (no retriever.json)")
     folder = resolve_model_dir(args.target, tracking_uri=args.tracking_uri)
     model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
-    for r in complete(model, load_tokenizer(folder / "tokenizer.json"), args.prompt, opts, eos_token=args.eos_token):
+    tok = load_tokenizer(folder / "tokenizer.json")
+    retriever = open_retriever(args.index, model, tok) if args.retrieve else None
+    rows = complete_with_retrieval(model, tok, retriever, args.prompt, opts, k=args.retrieve, eos_token=args.eos_token,
+                                   key="generate --retrieve")
+    for r in rows:
         print(f"--- prompt {r['prompt']!r}, sample {r['sample']}: {r['new_tokens']} tokens, "
               f"log-likelihood {r['log_likelihood']:.2f}, {r['tokens_per_s']:.0f} tokens/s")
+        for src in r.get("sources", []):
+            print(f"    source: passage {src['passage_id']} {src['file']}:{src['line']} (score {src['score']:.3f})")
         print(r["prompt"] + r["completion"])
 
 

@@ -87,13 +87,15 @@ def _sampled_outs(model: GPT, ids: list[list[int]], opts: SamplingOptions, stops
 
 
 def complete(model: GPT, tokenizer: Any, prompts: list[str], opts: SamplingOptions, *,
-             eos_token: str = EOS) -> list[dict[str, Any]]:
+             eos_token: str = EOS, prefixes: list[list[int]] | None = None) -> list[dict[str, Any]]:
     """One row per (prompt, sample), in prompt order: the sampling parameters, the completion, its
-    log-likelihood and the decoding speed (tokens/s of its batch, or of its prompt's beam search)."""
+    log-likelihood and the decoding speed (tokens/s of its batch, or of its prompt's beam search).
+    `prefixes` (token ids per prompt, e.g. retrieved passages) go in front of the prompts; rows show the prompt alone."""
     eos = tokenizer.token_to_id(eos_token)  # None: the tokenizer has no such token, nothing stops early
     stops = {eos} if eos is not None else None
-    ids = [fit_prompt(model, tokenizer.encode(p, add_special_tokens=False).ids or [eos or 0], opts.max_new_tokens)[0]
-           for p in prompts]
+    prefixes = prefixes or [[] for _ in prompts]
+    ids = [fit_prompt(model, pre + (tokenizer.encode(p, add_special_tokens=False).ids or [eos or 0]),
+                      opts.max_new_tokens)[0] for pre, p in zip(prefixes, prompts)]
     outs = (_beam_outs if opts.num_beams > 1 else _sampled_outs)(model, ids, opts, stops)
     return [{"prompt": prompts[p], "sample": s, **opts.table_params(),
              "completion": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),

@@ -2,7 +2,7 @@
 
 Each field is declared once. The sections that configure a pure layer *are* that
 layer's dataclass, validated by pydantic: `model` is `model.ModelConfig` (plus a
-`preset` name), `evaluate` is `model.scoring.EvalOptions`, `decode` is
+`preset` name), `evaluate` is `model.scoring.EvalOptions` (plus `model.rag.RetrieveOptions`), `decode` is
 `model.generate.SamplingOptions` plus the prompts, and `data` is
 `tokenization.documents.DocOptions` plus the corpus and sharding fields. The
 sections only the pipeline has (store, tokenizer, train, resources, tracking) are
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from model.config import ModelConfig
 from model.generate import SamplingOptions
 from model.presets import PRESETS
+from model.rag import RetrieveOptions
 from model.scoring import EvalOptions
 from tokenization.bpe import EOS, SPECIAL_TOKENS
 from tokenization.documents import DocOptions
@@ -192,6 +193,14 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(EvalOptions):
+    """The `evaluate` section: the scoring sweep (`EvalOptions`) and, optionally, retrieval."""
+
+    retrieve: RetrieveOptions | None = None
+    """Also score validation documents with retrieved passages in front (needs an `index:` section): {k: 4, query_tokens: 32, target_tokens: 32, max_docs: 256}, see "Retrieval-augmented generation"; `rag/...` metrics. Unset: off, and the stage's fingerprint is as without the key."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class DecodeConfig(SamplingOptions):
     """The `decode` section: the prompts, and how to complete them (`SamplingOptions`)."""
 
@@ -199,9 +208,15 @@ class DecodeConfig(SamplingOptions):
     """Prompts to complete."""
     prompts_file: str | None = None
     """Read the prompts from this file instead (.jsonl: a JSON string or {"prompt": ...} per line; else one prompt per non-empty line); its content is fingerprinted."""
+    retrieve: int | None = None
+    """Prepend each prompt's top-k retrieved passages (needs an `index:` section); each sample records its sources. Unset: off."""
+    qa_file: str | None = None
+    """Facts check: a JSONL file of {"question": ..., "answer": ...}; each question is answered greedily with and without retrieval (needs retrieve) and exact match is logged as rag/facts_em and rag/facts_em_base. Its content is fingerprinted."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.retrieve is not None and self.retrieve < 1:
+            raise ValueError(f"DecodeConfig.retrieve: must be >= 1 (or unset), got {self.retrieve}")
         if not self.prompts:
             raise ValueError("DecodeConfig.prompts: give at least one prompt (or prompts_file)")
 
@@ -275,7 +290,7 @@ class Config(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvalOptions = Field(default_factory=EvalOptions)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     tasks: TasksConfig | None = Field(None, description="Task evaluation (multiple choice, cloze); the `tasks` stage runs only when this section is set.")
     index: IndexConfig | None = Field(None, description="A knowledge corpus to index for retrieval; the `index` stage runs only when this section is given.")

@@ -44,10 +44,11 @@ def test_the_model_section_is_the_model_config_and_no_field_is_restated():
 
     fields = Config.model_fields
     assert issubclass(fields["model"].annotation, ModelConfig)
-    assert fields["evaluate"].annotation is EvalOptions
+    assert issubclass(fields["evaluate"].annotation, EvalOptions)  # plus `retrieve`
     assert issubclass(fields["decode"].annotation, SamplingOptions)
     assert issubclass(fields["data"].annotation, DocOptions)
-    for section, pure in (("model", ModelConfig), ("decode", SamplingOptions), ("data", DocOptions)):
+    for section, pure in (("model", ModelConfig), ("evaluate", EvalOptions), ("decode", SamplingOptions),
+                          ("data", DocOptions)):
         own = {f.name for f in dataclasses.fields(fields[section].annotation)} - {f.name for f in dataclasses.fields(pure)}
         assert not own & {f.name for f in dataclasses.fields(pure)}  # extras only add, never restate
 

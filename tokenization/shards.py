@@ -107,3 +107,9 @@ def shard_paths(upstream_dir: Path, manifest_file: str = "shards.json", split: s
     """Paths of one split's non-empty shards in a prepared folder, from its `shards.json`."""
     m = json.loads((upstream_dir / manifest_file).read_text())
     return [str(upstream_dir / sh[split]["file"]) for sh in m["shards"] if sh[split]["tokens"] > 0]
+
+
+def read_documents(path: str | Path) -> list[np.ndarray]:
+    """A shard's documents (one token array per row, EOS included when prepare appended it)."""
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    return [np.asarray(row.values.to_numpy(zero_copy_only=False)) for chunk in table.column(COLUMN).chunks for row in chunk]

@@ -5,6 +5,12 @@ this stage opens the trained model and the prepared validation shards on the
 task's node, runs the sweep as one Ray task (a GPU one when the cluster has
 GPUs), writes `eval.json` and two plots, and logs the headline metrics and the
 loss-by-position curves to MLflow. `evaluate_model` is the same work without Ray.
+
+With `evaluate.retrieve` set the stage also reads the `index` stage and scores
+validation documents with and without retrieved passages in front
+(`pipeline.rag.rag_evaluate`, never retrieving a document's own passages):
+`rag/...` metrics and `eval.json`'s `rag` part. Unset, the section (hence the
+fingerprint) is exactly what it was before retrieval existed.
 """
 
 from __future__ import annotations
@@ -20,29 +26,56 @@ from pipeline.artifacts import MODEL_FILES
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
+from pipeline.errors import ConfigError
 from pipeline.plots import line_chart
+from pipeline.rag import check_k
 from pipeline.schema import Config, as_dict, fingerprint_view
 from tokenization.inputs import InputError
 from tokenization.shards import shard_paths
 
 
 def _section(cfg: Config) -> dict[str, Any]:
-    return fingerprint_view(cfg.evaluate)
+    section = fingerprint_view(cfg.evaluate)
+    if section.get("retrieve", ...) is None:  # retrieval off: the fingerprint of a config that never heard of it
+        del section["retrieve"]
+    return section
+
+
+def _extra_needs(cfg: Config) -> tuple[str, ...]:
+    if cfg.evaluate.retrieve is None:
+        return ()
+    if cfg.index is None:
+        raise ConfigError("evaluate.retrieve: retrieval needs a knowledge index: add an `index:` section (index.inputs)")
+    return ("index",)
 
 
 def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str], *, train_seq_len: int,
-                   opts: EvalOptions) -> dict[str, Any]:
-    """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content."""
+                   opts: EvalOptions, index_dir: str | None = None, eos_token: str | None = None) -> dict[str, Any]:
+    """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content. With
+    `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`)."""
     from model import load_model
     from tokenization.bpe import load_tokenizer, token_byte_lengths
-    from tokenization.shards import read_tokens
+    from tokenization.shards import read_documents, read_tokens
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(model_dir, device=device)
-    byte_lengths = token_byte_lengths(load_tokenizer(f"{model_dir}/tokenizer.json"))
+    tok = load_tokenizer(f"{model_dir}/tokenizer.json")
+    byte_lengths = token_byte_lengths(tok)
     val = [b for b in (read_tokens(p) for p in val_shards) if len(b)]
     unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
-    return sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram)
+    result = sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram)
+    retrieve = getattr(opts, "retrieve", None)
+    if retrieve is not None and index_dir is not None:
+        from pipeline.rag import open_retriever, rag_evaluate
+
+        docs = [d for p in val_shards for d in read_documents(p)]
+        rag = rag_evaluate(model, tok, open_retriever(index_dir, model, tok), docs, opts=retrieve,
+                           context=min(train_seq_len, model.config.max_seq_len),
+                           eos_id=tok.token_to_id(eos_token) if eos_token else None, byte_lengths=byte_lengths,
+                           batch_size=opts.batch_size)
+        result["metrics"].update(rag["metrics"])
+        result["rag"] = rag
+    return result
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -76,12 +109,12 @@ def _log_position_curves(ctx: StageContext, result: dict[str, Any]) -> None:
         ctx.tracker.log_metrics(ctx.run_id, values, step=step)
 
 
-def _evaluate_task(train: StageRef, prepare: StageRef, **kw: Any) -> dict[str, Any]:
-    """On the task's node: open the model and the prepared data there, then evaluate."""
+def _evaluate_task(train: StageRef, prepare: StageRef, index: StageRef | None = None, **kw: Any) -> dict[str, Any]:
+    """On the task's node: open the model, the prepared data and the index (when retrieving) there, then evaluate."""
     folder = prepare.local()
     try:
         return evaluate_model(str(train.local(list(MODEL_FILES))), shard_paths(folder, split="val"),
-                              shard_paths(folder, split="train"), **kw)
+                              shard_paths(folder, split="train"), index_dir=str(index.local()) if index else None, **kw)
     except NoWindowError as e:
         raise InputError(str(e)) from None
 
@@ -93,8 +126,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     task = ray.remote(_evaluate_task).options(**task_options(cfg.resources.evaluate, "evaluate"))
     ctx.progress.update(status=f"scoring up to {cfg.evaluate.max_tokens} validation tokens at "
                                f"{len(set(cfg.evaluate.context_multipliers) | {1.0})} context lengths (one Ray task)")
-    result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, train_seq_len=cfg.train_seq_len,
-                                 opts=cfg.evaluate))
+    index = ctx.inputs.get("index")
+    if index is not None:  # a k the index cannot serve fails here, before the model is loaded
+        check_k(json.loads(index.file("index.json").read_text())["passages"], cfg.evaluate.retrieve.k, "evaluate.retrieve.k")
+        ctx.progress.update(status=f"scoring with and without {cfg.evaluate.retrieve.k} retrieved passages too")
+    result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, index.ref if index else None,
+                                 train_seq_len=cfg.train_seq_len, opts=cfg.evaluate,
+                                 eos_token=cfg.tokenizer.eos_token))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:
         ctx.tracker.log_artifact(ctx.run_id, path)
@@ -103,5 +141,5 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="evaluate", needs=("tokenizer", "prepare", "train"), section=_section, version=2, run=run,
-              input_context="evaluation", main_input="prepare",
+              input_context="evaluation", main_input="prepare", extra_needs=_extra_needs,
               params=lambda cfg: as_dict(cfg.evaluate))
