@@ -31,18 +31,22 @@ def _section(cfg: Config) -> dict[str, Any]:
 
 
 def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str], *, train_seq_len: int,
-                   opts: EvalOptions) -> dict[str, Any]:
-    """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content."""
+                   opts: EvalOptions, packing: str = "stream") -> dict[str, Any]:
+    """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content.
+    packing: the model's `train.packing`; `documents` scores each window within its documents, as it trained."""
     from model import load_model
     from tokenization.bpe import load_tokenizer, token_byte_lengths
-    from tokenization.shards import read_tokens
+    from tokenization.shards import read_document_starts, read_tokens
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(model_dir, device=device)
     byte_lengths = token_byte_lengths(load_tokenizer(f"{model_dir}/tokenizer.json"))
-    val = [b for b in (read_tokens(p) for p in val_shards) if len(b)]
+    kept = [(p, b) for p, b in ((p, read_tokens(p)) for p in val_shards) if len(b)]
+    val = [b for _, b in kept]
+    doc_starts = [read_document_starts(p) for p, _ in kept] if packing == "documents" else None
     unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
-    return sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram)
+    return sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram,
+                 doc_starts=doc_starts)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -94,7 +98,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.progress.update(status=f"scoring up to {cfg.evaluate.max_tokens} validation tokens at "
                                f"{len(set(cfg.evaluate.context_multipliers) | {1.0})} context lengths (one Ray task)")
     result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, train_seq_len=cfg.train_seq_len,
-                                 opts=cfg.evaluate))
+                                 opts=cfg.evaluate, packing=cfg.train.packing))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:
         ctx.tracker.log_artifact(ctx.run_id, path)

@@ -36,15 +36,18 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
 @torch.no_grad()
 def validation_loss(engine: Any, windows: TokenWindows, *, rank: int, world: int, max_tokens: int, micro: int,
                     device: torch.device) -> float:
-    """Mean loss over the first windows holding `max_tokens` targets, split across ranks and all-reduced.
+    """Mean loss over the first windows holding `max_tokens` targets, split across ranks and all-reduced
+    (with the windows' segment ids when they carry documents: validation in the mode training uses).
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
     n = min(len(windows), max(world, max_tokens // windows.seq_len))
     mine = np.arange(rank, n - n % world, world)
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     engine.eval()
     for i in range(0, len(mine), micro):
-        batch = torch.from_numpy(windows.batch(mine[i : i + micro])).to(device)
-        loss = engine(batch[:, :-1], batch[:, 1:])
+        idx = mine[i : i + micro]
+        batch = torch.from_numpy(windows.batch(idx)).to(device)
+        segments = None if windows.doc_starts is None else torch.from_numpy(windows.segments(idx)).to(device)
+        loss = engine(batch[:, :-1], batch[:, 1:], segment_ids=segments)
         totals += torch.tensor([loss.item() * batch.shape[0], batch.shape[0]], device=device, dtype=torch.float64)
     engine.train()
     torch.distributed.all_reduce(totals)

@@ -185,13 +185,19 @@ def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int,
     return int(state["step"]), attempt, state.get("metrics", {})
 
 
+def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The mean loss over windows `idx`; with document-aware packing each window's segment ids go with it."""
+    batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
+    segments = None if data.doc_starts is None else torch.from_numpy(data.segments(idx)).to(device)  # (micro, T)
+    return engine(batch[:, :-1], batch[:, 1:], segment_ids=segments)
+
+
 def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, gas: int, device: torch.device,
               step: int) -> torch.Tensor:
     """Forward/backward over the accumulation micro-batches; returns this rank's summed loss."""
     loss_sum = torch.zeros((), device=device)
     for m in range(gas):
-        batch = torch.from_numpy(data.batch(idx[m * micro : (m + 1) * micro])).to(device)  # (micro, T+1)
-        loss = engine(batch[:, :-1], batch[:, 1:])
+        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device)
         if faults.triggered("train.nan", step + 1):
             loss = loss * float("nan")
         engine.backward(loss)
@@ -214,8 +220,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     checkpoints = Checkpoints.for_worker(under_ray, cfg.local_checkpoint_dir, rank)
     start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw)
-    data = TokenWindows(cfg.train_shards, cfg.seq_len)
-    val = TokenWindows(cfg.val_shards, cfg.seq_len) if t.get("eval_every") and cfg.val_shards else None
+    documents = t.get("packing", "stream") == "documents"
+    data = TokenWindows(cfg.train_shards, cfg.seq_len, documents=documents)
+    val = TokenWindows(cfg.val_shards, cfg.seq_len, documents=documents) if t.get("eval_every") and cfg.val_shards else None
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
     rates = _Rates(cfg, device, world)
     steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
