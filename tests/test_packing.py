@@ -61,6 +61,18 @@ def test_changing_one_document_leaves_the_others_in_the_window_unchanged():
         assert not torch.allclose(model(torch.cat(docs, 1))[:, second:], model(torch.cat(changed, 1))[:, second:])
 
 
+def test_the_default_keeps_the_train_fingerprint_and_documents_changes_it(tiny_config):
+    """`stream` is what every model trained before the option did: its section is the one they were cached under."""
+    from pipeline.stages.train.hardware import TrainHardware
+    from pipeline.stages.train.stage import section_for
+
+    hw = TrainHardware(device="cpu", precision="fp32")
+    default, stream, documents = (section_for(tiny_config(**t), hw) for t in
+                                  ({}, {"train": {"packing": "stream"}}, {"train": {"packing": "documents"}}))
+    assert "packing" not in default["train"] and default == stream
+    assert documents["train"] == {**default["train"], "packing": "documents"}
+
+
 EOS = 1
 
 
