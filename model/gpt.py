@@ -192,7 +192,8 @@ class GPT(nn.Module):
             "segment_ids (packed documents) go without a KV cache or padding"
         start = kv_cache.pos if kv_cache is not None else 0
         if segment_ids is not None:
-            positions, key_valid = segment_positions(segment_ids.to(idx.device)), None  # (B, T)
+            segment_ids = segment_ids.to(idx.device)
+            positions, key_valid = segment_positions(segment_ids), None  # (B, T)
         else:
             positions, key_valid = self._positions(T, kv_cache, attention_mask, idx.device)  # (B|1, T), (B, S) | None
         x = self.tok_emb(idx)  # (B, T, C)
@@ -208,7 +209,7 @@ class GPT(nn.Module):
             self.slopes = self.slopes.to(idx.device)
         rope = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None
         if segment_ids is not None:
-            inputs = self._segment_inputs(segment_ids.to(idx.device), rope=rope, dtype=x.dtype)
+            inputs = self._segment_inputs(segment_ids, rope=rope, dtype=x.dtype)
         else:
             mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes,
                                           device=idx.device, dtype=x.dtype)

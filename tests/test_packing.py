@@ -149,7 +149,7 @@ def test_a_run_resumed_with_packing_trains_exactly_as_an_uninterrupted_one(tmp_p
 
 def test_the_training_step_feeds_the_windows_segment_ids_to_the_model(tmp_path):
     """What the worker's forward pass computes with packing on: the loss of each window within its documents."""
-    from pipeline.stages.train.worker import forward_loss
+    from pipeline.stages.train.metrics import forward_loss
 
     path = _shard(tmp_path, lengths=tuple(range(3, 40)))
     torch.manual_seed(0)

@@ -38,6 +38,11 @@ class TokenWindows:
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # window index offsets
         self.num_tokens = int(sum(len(b) for b in self.buffers))
 
+    @property
+    def documents(self) -> bool:
+        """Whether the windows carry segment ids (document-aware packing)."""
+        return self.doc_starts is not None
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 

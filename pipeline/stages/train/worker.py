@@ -41,7 +41,7 @@ from pipeline.stages.train.checkpoints import (
     step_name,
 )
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
-from pipeline.stages.train.metrics import peak_flops, validation_loss
+from pipeline.stages.train.metrics import forward_loss, peak_flops, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
 from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
@@ -183,13 +183,6 @@ def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int,
         checkpoints.close()
     print(f"[rank {rank}] resumed from {checkpoints.where(latest.name)} at step {state['step']}", flush=True)
     return int(state["step"]), attempt, state.get("metrics", {})
-
-
-def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The mean loss over windows `idx`; with document-aware packing each window's segment ids go with it."""
-    batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
-    segments = None if data.doc_starts is None else torch.from_numpy(data.segments(idx)).to(device)  # (micro, T)
-    return engine(batch[:, :-1], batch[:, 1:], segment_ids=segments)
 
 
 def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, gas: int, device: torch.device,
