@@ -11,6 +11,8 @@ Architecture choices (all in `ModelConfig`, defaults = GPT-2 style):
 - causal self-attention through `scaled_dot_product_attention` (flash /
   memory-efficient kernels on GPU) with `n_kv_head` key/value heads (multi-head,
   grouped-query or multi-query), an optional KV cache, and left padding;
+  packed windows of several documents (`segment_ids`) attend block-diagonally,
+  positions restarting at each document (`model.segments`; FlexAttention on GPU);
 - MLP: GELU (exact or tanh) or SwiGLU; optional biases; dropout;
 - a final norm; unembedding tied to the token embedding or a separate matrix;
   softmax inside the cross-entropy for training, in the sampler for decoding;
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -39,6 +42,14 @@ from model.layers import (
     make_norm,
     sinusoidal_positions,
 )
+from model.segments import (
+    alibi_score_mod,
+    flex_attend,
+    flex_available,
+    flex_block_mask,
+    segment_mask,
+    segment_positions,
+)
 
 # SDPA broadcasts key/value heads itself from torch 2.5 on (without copying them n_head / n_kv_head times).
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -51,6 +62,7 @@ class AttentionInputs:
     is_causal: bool
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B|1, 1, T, head_dim)
     kv_cache: KVCache | None
+    flex: tuple[Any, Any] | None = None  # FlexAttention (block mask, score_mod) in place of the SDPA mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -73,6 +85,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *inputs.rope), apply_rotary(k, *inputs.rope)
         if inputs.kv_cache is not None:
             k, v = inputs.kv_cache.update(self.layer, k, v)  # (B, n_kv_head, S, head_dim)
+        if inputs.flex is not None:  # packed documents on GPU: one fused kernel skips the masked-out blocks
+            y = flex_attend(q, k, v, block_mask=inputs.flex[0], score_mod=inputs.flex[1], compiled=q.is_cuda)
+            return F.dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd)), self.dropout, self.training)
         gqa = {}
         if kv != self.n_head:  # each group of n_head / n_kv_head query heads shares one key/value head
             if _SDPA_HAS_GQA:
@@ -132,6 +147,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.rotary = Rotary(cfg) if cfg.pos_encoding == "rope" else None
         self.slopes = alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None
+        # Packed windows: FlexAttention on CUDA ("auto"), or always the SDPA mask / always FlexAttention (tests).
+        self.segment_attention: Literal["auto", "sdpa", "flex"] = "auto"
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -157,20 +174,28 @@ class GPT(nn.Module):
         return flops_per_token(self.config, seq_len=seq_len)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                *, attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns the mean cross-entropy (targets of -1 are ignored)
-        if targets are given, else logits (B, T, vocab). attention_mask: (B, T), 0 at left padding."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask))  # (B, T, vocab)
+        if targets are given, else logits (B, T, vocab). attention_mask: (B, T), 0 at left padding.
+        segment_ids: (B, T), one id per document of a packed window (see `model.segments`)."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask,
+                                                 segment_ids=segment_ids))  # (B, T, vocab)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def hidden_states(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm output (B, T, C), before the unembedding (decoding unembeds only the last position)."""
         B, T = idx.shape
+        assert segment_ids is None or (kv_cache is None and attention_mask is None), \
+            "segment_ids (packed documents) go without a KV cache or padding"
         start = kv_cache.pos if kv_cache is not None else 0
-        positions, key_valid = self._positions(T, kv_cache, attention_mask, idx.device)  # (B|1, T), (B, S) | None
+        if segment_ids is not None:
+            segment_ids = segment_ids.to(idx.device)
+            positions, key_valid = segment_positions(segment_ids), None  # (B, T)
+        else:
+            positions, key_valid = self._positions(T, kv_cache, attention_mask, idx.device)  # (B|1, T), (B, S) | None
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             # left-padded rows count from their first real token: the last slot may be past the table, a row not
@@ -182,16 +207,33 @@ class GPT(nn.Module):
         x = self.drop(x)
         if self.slopes is not None and self.slopes.device != idx.device:
             self.slopes = self.slopes.to(idx.device)
-        mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes,
-                                         device=idx.device, dtype=x.dtype)
         rope = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None
-        inputs = AttentionInputs(mask=mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache)
+        if segment_ids is not None:
+            inputs = self._segment_inputs(segment_ids, rope=rope, dtype=x.dtype)
+        else:
+            mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes,
+                                          device=idx.device, dtype=x.dtype)
+            inputs = AttentionInputs(mask=mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache)
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, inputs, use_reentrant=False) if recompute else block(x, inputs)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x)
+
+    def _segment_inputs(self, segment_ids: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                        dtype: torch.dtype) -> AttentionInputs:
+        """Block-diagonal causal attention: FlexAttention where it runs (CUDA, no attention dropout), else SDPA's mask."""
+        dropping = self.training and self.config.dropout > 0
+        use_flex = self.segment_attention == "flex" or (
+            self.segment_attention == "auto" and flex_available(segment_ids.device) and not dropping)
+        if use_flex:
+            assert not dropping, "FlexAttention has no attention dropout; use segment_attention='sdpa'"
+            score_mod = alibi_score_mod(self.slopes) if self.slopes is not None else None
+            return AttentionInputs(mask=None, is_causal=False, rope=rope, kv_cache=None,
+                                   flex=(flex_block_mask(segment_ids), score_mod))
+        return AttentionInputs(mask=segment_mask(segment_ids, slopes=self.slopes, dtype=dtype), is_causal=False,
+                               rope=rope, kv_cache=None)
 
     @staticmethod
     def _positions(T: int, kv_cache: KVCache | None, attention_mask: torch.Tensor | None,

@@ -12,8 +12,11 @@ longer than the table: those lengths are reported as unsupported, never guessed.
 With `sliding_window`, windows overlap by `window - stride` tokens and each
 scores only the targets no earlier window scored, so every token is scored once
 with at least `window - stride` tokens of context (the first window of a buffer
-scores all of its targets). `EvalOptions` is also the pipeline's `evaluate`
-config section. Pure PyTorch and NumPy: the tokens come in as arrays.
+scores all of its targets). Given where each buffer's documents start
+(`doc_starts`), every window is scored as document-aware packing trains: each
+token attends within its own document, positions restarting there. `EvalOptions`
+is also the pipeline's `evaluate` config section. Pure PyTorch and NumPy: the
+tokens come in as arrays.
 """
 
 from __future__ import annotations
@@ -84,11 +87,18 @@ def window_plan(buffer_lengths: list[int], L: int, *, stride: int, max_targets: 
     return out
 
 
+def window_segments(doc_starts: np.ndarray, first: int, L: int) -> np.ndarray:
+    """(L,) segment ids of tokens first..first+L-1: each token's document, counted from the first token's."""
+    docs = np.searchsorted(doc_starts, np.arange(first, first + L), side="right") - 1
+    return (docs - docs[0]).astype(np.int64)
+
+
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[Window], *, L: int, batch_size: int,
                   byte_lengths: np.ndarray, unigram_logp: np.ndarray | None = None,
-                  position_buckets: int = 16) -> dict[str, Any]:
-    """Loss, perplexity, bits per byte, token accuracy and loss by position over the planned windows."""
+                  position_buckets: int = 16, doc_starts: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Loss, perplexity, bits per byte, token accuracy and loss by position over the planned windows
+    (document-aware when `doc_starts`, each buffer's document starts, are given)."""
     assert plan, f"no window of {L} tokens fits in the validation data"
     device = next(model.parameters()).device
     nats = correct = tokens = nbytes = uni = 0.0
@@ -97,7 +107,9 @@ def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[
         chunk = plan[i : i + batch_size]
         batch = torch.from_numpy(np.stack([buffers[b][s : s + L + 1].astype(np.int64) for b, s, _ in chunk])).to(device)
         x, y = batch[:, :-1], batch[:, 1:]  # (b, L), (b, L)
-        logits = model(x).float()  # (b, L, vocab)
+        segments = None if doc_starts is None else torch.from_numpy(
+            np.stack([window_segments(doc_starts[b], s, L) for b, s, _ in chunk])).to(device)  # (b, L)
+        logits = (model(x) if segments is None else model(x, segment_ids=segments)).float()  # (b, L, vocab)
         loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (b, L)
         keep = torch.arange(L, device=device)[None] >= torch.tensor([k for *_, k in chunk], device=device)[:, None]
         loss, keep_f = loss.cpu().numpy(), keep.cpu().numpy()
@@ -133,19 +145,22 @@ def unigram_logprobs(train_buffers: list[np.ndarray], vocab_size: int) -> np.nda
 
 
 def _score_length(model: torch.nn.Module, buffers: list[np.ndarray], L: int, *, train_seq_len: int, opts: EvalOptions,
-                  byte_lengths: np.ndarray, unigram_logp: np.ndarray | None = None) -> dict[str, Any] | None:
+                  byte_lengths: np.ndarray, unigram_logp: np.ndarray | None = None,
+                  doc_starts: list[np.ndarray] | None = None) -> dict[str, Any] | None:
     """None when no validation shard holds a window of L + 1 tokens."""
     stride = min(L, opts.stride or max(1, L // 2)) if opts.sliding_window else L
     plan = window_plan([len(b) for b in buffers], L, stride=stride, max_targets=opts.max_tokens)
     if not plan:
         return None
     return score_windows(model, buffers, plan, L=L, batch_size=max(1, opts.batch_size * train_seq_len // L),
-                         byte_lengths=byte_lengths, unigram_logp=unigram_logp, position_buckets=opts.position_buckets)
+                         byte_lengths=byte_lengths, unigram_logp=unigram_logp, position_buckets=opts.position_buckets,
+                         doc_starts=doc_starts)
 
 
 def sweep(model: torch.nn.Module, val_buffers: list[np.ndarray], *, train_seq_len: int, opts: EvalOptions,
-          byte_lengths: np.ndarray, unigram_logp: np.ndarray) -> dict[str, Any]:
-    """Every metric of the stage: the unscaled sweep (`lengths`), RoPE-scaled sweeps (`rope_scaled`), notes."""
+          byte_lengths: np.ndarray, unigram_logp: np.ndarray, doc_starts: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Every metric of the stage: the unscaled sweep (`lengths`), RoPE-scaled sweeps (`rope_scaled`), notes.
+    doc_starts: each buffer's document starts, to score document-aware (as `train.packing: documents` trains)."""
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     for m in sorted(set(opts.context_multipliers) | {1.0}):
@@ -154,7 +169,7 @@ def sweep(model: torch.nn.Module, val_buffers: list[np.ndarray], *, train_seq_le
             rows.append({"multiplier": m, "context": L, "supported": False})
             continue
         r = _score_length(model, val_buffers, L, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths,
-                          unigram_logp=unigram_logp if m == 1.0 else None)
+                          unigram_logp=unigram_logp if m == 1.0 else None, doc_starts=doc_starts)
         if r is None:
             if m == 1.0:
                 raise NoWindowError(f"evaluate: no validation shard holds a window of the training context ({L} + 1 tokens); "
@@ -172,13 +187,17 @@ def sweep(model: torch.nn.Module, val_buffers: list[np.ndarray], *, train_seq_le
     notes = [f"lengths {unsupported} exceed the learned position table of {model.config.max_seq_len}"] if unsupported else []
     notes += [f"lengths {short} not scored: no validation shard holds that many tokens + 1"] if short else []
     scaled, note = _rope_scaled(model, val_buffers, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths,
-                                metrics=metrics)
-    return {"metrics": metrics, "lengths": rows, "rope_scaled": scaled, "notes": notes + note,
-            "train_seq_len": train_seq_len, "sliding_window": opts.sliding_window, "stride": opts.stride}
+                                metrics=metrics, doc_starts=doc_starts)
+    out = {"metrics": metrics, "lengths": rows, "rope_scaled": scaled, "notes": notes + note,
+           "train_seq_len": train_seq_len, "sliding_window": opts.sliding_window, "stride": opts.stride}
+    if doc_starts is not None:  # said only when on, so the default eval.json stays as it was
+        out["packing"] = "documents"
+    return out
 
 
 def _rope_scaled(model: torch.nn.Module, buffers: list[np.ndarray], *, train_seq_len: int, opts: EvalOptions,
-                 byte_lengths: np.ndarray, metrics: dict[str, float]) -> tuple[dict[str, list], list[str]]:
+                 byte_lengths: np.ndarray, metrics: dict[str, float],
+                 doc_starts: list[np.ndarray] | None = None) -> tuple[dict[str, list], list[str]]:
     """Lengths past the training context again, with RoPE scaling factor = length / training context.
     At or below the context the factor would be 1, the unscaled model, so those lengths are not repeated."""
     kinds = [k for k in opts.rope_scalings if k != "none"]
@@ -194,7 +213,8 @@ def _rope_scaled(model: torch.nn.Module, buffers: list[np.ndarray], *, train_seq
             for m in sorted(x for x in set(opts.context_multipliers) if x > 1.0):
                 L = max(2, int(round(train_seq_len * m)))
                 model.set_rope_scaling(kind, L / train_seq_len, original_max_seq_len=train_seq_len)
-                r = _score_length(model, buffers, L, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths)
+                r = _score_length(model, buffers, L, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths,
+                                  doc_starts=doc_starts)
                 if r is None:
                     continue
                 out[kind].append({"multiplier": m, "context": L, "factor": L / train_seq_len, "supported": True, **r})

@@ -166,6 +166,7 @@ class TrainConfig(_Section):
     seed: int = Field(1337, description="Seed for init, data order and dropout.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and step) on the CPU; needs zero_stage >= 1.")
     offload_params: bool = Field(False, description="ZeRO-Infinity style parameter offload to the CPU; needs zero_stage 3.")
+    packing: Literal["stream", "documents"] = Field("stream", description="stream: windows cut from the concatenated documents attend across document boundaries; documents: each token attends only within its own document (block-diagonal causal mask) and positions restart at each document start; evaluation scores the same way.")
     init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
     eval_tokens: int = Field(32768, ge=1, description="Validation tokens scored each time.")

@@ -10,6 +10,12 @@ over the data. For optimizer step `s` with global batch `G`, the global
 samples are `s*G .. s*G+G-1`; rank `r` of `w` takes every `w`-th of them. The
 data position after step `s` is therefore a pure function of `s`: resuming at
 a step skips nothing and repeats nothing, whatever happened before.
+
+Document-aware packing (`documents=True`) changes nothing of that: the same
+windows, plus a segment id per input token (0 for the document the window
+starts in, +1 at each later document start, from the shard's row offsets), so
+the model can attend within documents only and restart positions at each one.
+A window's ids are a pure function of its index too.
 """
 
 from __future__ import annotations
@@ -19,30 +25,56 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenization.shards import read_tokens
+from tokenization.shards import read_document_starts, read_tokens
 
 
 class TokenWindows:
-    def __init__(self, shard_paths: list[str | Path], seq_len: int):
+    def __init__(self, shard_paths: list[str | Path], seq_len: int, *, documents: bool = False):
         assert seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"
         self.seq_len = seq_len
         self.buffers = [read_tokens(p) for p in shard_paths]
+        self.doc_starts = [read_document_starts(p) for p in shard_paths] if documents else None
         counts = [max(0, (len(b) - 1) // seq_len) for b in self.buffers]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # window index offsets
         self.num_tokens = int(sum(len(b) for b in self.buffers))
 
+    @property
+    def documents(self) -> bool:
+        """Whether the windows carry segment ids (document-aware packing)."""
+        return self.doc_starts is not None
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard, first token) of window i."""
+        shard = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return shard, (i - int(self.starts[shard])) * self.seq_len
+
     def window(self, i: int) -> np.ndarray:
         """Tokens [start, start + seq_len + 1) of window i."""
-        shard = int(np.searchsorted(self.starts, i, side="right") - 1)
-        off = (i - int(self.starts[shard])) * self.seq_len
+        shard, off = self._locate(i)
         return self.buffers[shard][off : off + self.seq_len + 1]
+
+    def segments(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices), seq_len) int64 segment ids of the windows' inputs (needs `documents=True`)."""
+        assert self.doc_starts is not None, "segment ids need TokenWindows(..., documents=True)"
+        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for row, i in enumerate(indices):
+            shard, off = self._locate(int(i))
+            out[row] = segment_ids(self.doc_starts[shard], off, self.seq_len)
+        return out
 
     def batch(self, indices: np.ndarray) -> np.ndarray:
         """(len(indices), seq_len + 1) int64 array."""
         return np.stack([self.window(int(i)).astype(np.int64) for i in indices])
+
+
+def segment_ids(doc_starts: np.ndarray, first: int, length: int) -> np.ndarray:
+    """(length,) segment ids of tokens first..first+length-1 of a buffer whose documents start at `doc_starts`:
+    the document index of each token, counted from the first token's document."""
+    docs = np.searchsorted(doc_starts, np.arange(first, first + length), side="right") - 1
+    return (docs - docs[0]).astype(np.int64)
 
 
 def sample_indices(step: int, *, rank: int, world_size: int, global_batch: int, num_windows: int, seed: int) -> np.ndarray:

@@ -10,7 +10,8 @@ scratch file beside the shard, so writing a shard holds one document, not the
 shard; the Arrow file is then written from the memory-mapped scratch. Shards
 are written to a temporary name and renamed, so a killed writer never leaves a
 file under a final name. Reading returns the flat token buffer as a zero-copy
-numpy view of the memory map.
+numpy view of the memory map, and, for document-aware packing, where each
+document starts in that buffer (the list offsets).
 """
 
 from __future__ import annotations
@@ -91,16 +92,31 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_tokens(path: str | Path) -> np.ndarray:
-    """The flat token buffer of a shard, a zero-copy view of its memory map."""
-    source = pa.memory_map(str(path), "r")
-    table = pa.ipc.open_file(source).read_all()
+def _column(path: str | Path) -> pa.Array | None:
+    """The `input_ids` list array of a shard (memory-mapped), or None when it has no rows."""
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
     col = table.column(COLUMN)
     if col.num_chunks == 0:
+        return None
+    return col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """The flat token buffer of a shard, a zero-copy view of its memory map."""
+    chunk = _column(path)
+    if chunk is None:
         return np.zeros(0, dtype=np.uint16)
-    chunk = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
     values = chunk.values.slice(chunk.offsets[0].as_py(), chunk.offsets[-1].as_py() - chunk.offsets[0].as_py())
     return values.to_numpy(zero_copy_only=True)
+
+
+def read_document_starts(path: str | Path) -> np.ndarray:
+    """(docs + 1,) int64: where each document starts in `read_tokens(path)`, then the buffer's length."""
+    chunk = _column(path)
+    if chunk is None:
+        return np.zeros(1, dtype=np.int64)
+    offsets = chunk.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0]
 
 
 def shard_paths(upstream_dir: Path, manifest_file: str = "shards.json", split: str = "train") -> list[str]:

@@ -50,20 +50,25 @@ def _extra_needs(cfg: Config) -> tuple[str, ...]:
 
 
 def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str], *, train_seq_len: int,
-                   opts: EvalOptions, index_dir: str | None = None, eos_token: str | None = None) -> dict[str, Any]:
-    """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content. With
-    `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`)."""
+                   opts: EvalOptions, packing: str = "stream", index_dir: str | None = None,
+                   eos_token: str | None = None) -> dict[str, Any]:
+    """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content.
+    packing: the model's `train.packing`; `documents` scores each window within its documents, as it trained.
+    With `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`)."""
     from model import load_model
     from tokenization.bpe import load_tokenizer, token_byte_lengths
-    from tokenization.shards import read_documents, read_tokens
+    from tokenization.shards import read_document_starts, read_documents, read_tokens
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(model_dir, device=device)
     tok = load_tokenizer(f"{model_dir}/tokenizer.json")
     byte_lengths = token_byte_lengths(tok)
-    val = [b for b in (read_tokens(p) for p in val_shards) if len(b)]
+    kept = [(p, b) for p, b in ((p, read_tokens(p)) for p in val_shards) if len(b)]
+    val = [b for _, b in kept]
+    doc_starts = [read_document_starts(p) for p, _ in kept] if packing == "documents" else None
     unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
-    result = sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram)
+    result = sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram,
+                   doc_starts=doc_starts)
     retrieve = getattr(opts, "retrieve", None)
     if retrieve is not None and index_dir is not None:
         from pipeline.rag import open_retriever, rag_evaluate
@@ -131,7 +136,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         check_k(json.loads(index.file("index.json").read_text())["passages"], cfg.evaluate.retrieve.k, "evaluate.retrieve.k")
         ctx.progress.update(status=f"scoring with and without {cfg.evaluate.retrieve.k} retrieved passages too")
     result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, index.ref if index else None,
-                                 train_seq_len=cfg.train_seq_len, opts=cfg.evaluate,
+                                 train_seq_len=cfg.train_seq_len, opts=cfg.evaluate, packing=cfg.train.packing,
                                  eos_token=cfg.tokenizer.eos_token))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:

@@ -1,4 +1,5 @@
-"""What training reports besides the loss: MFU's peak FLOP/s, the periodic validation loss, the progress line.
+"""What training reports besides the loss: MFU's peak FLOP/s, the periodic validation loss, the progress line
+(and the forward pass over a batch of windows that training and validation share).
 
 Plain PyTorch (DeepSpeed's engine is passed in, never imported), so each piece
 can be tested alone.
@@ -33,19 +34,28 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
     return None
 
 
+def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The mean loss over windows `idx` (training and validation alike); with document-aware packing each
+    window's segment ids go with it."""
+    batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
+    segments = torch.from_numpy(data.segments(idx)).to(device) if data.documents else None  # (micro, T)
+    return engine(batch[:, :-1], batch[:, 1:], segment_ids=segments)
+
+
 @torch.no_grad()
 def validation_loss(engine: Any, windows: TokenWindows, *, rank: int, world: int, max_tokens: int, micro: int,
                     device: torch.device) -> float:
-    """Mean loss over the first windows holding `max_tokens` targets, split across ranks and all-reduced.
+    """Mean loss over the first windows holding `max_tokens` targets, split across ranks and all-reduced
+    (with the windows' segment ids when they carry documents: validation in the mode training uses).
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
     n = min(len(windows), max(world, max_tokens // windows.seq_len))
     mine = np.arange(rank, n - n % world, world)
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     engine.eval()
     for i in range(0, len(mine), micro):
-        batch = torch.from_numpy(windows.batch(mine[i : i + micro])).to(device)
-        loss = engine(batch[:, :-1], batch[:, 1:])
-        totals += torch.tensor([loss.item() * batch.shape[0], batch.shape[0]], device=device, dtype=torch.float64)
+        idx = mine[i : i + micro]
+        loss = forward_loss(engine, windows, idx, device)
+        totals += torch.tensor([loss.item() * len(idx), len(idx)], device=device, dtype=torch.float64)
     engine.train()
     torch.distributed.all_reduce(totals)
     return float(totals[0] / totals[1])

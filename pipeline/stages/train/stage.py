@@ -51,6 +51,8 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
 def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
     """What changes the weights: the model, the train fields, and the precision and device kind they train in."""
     train = {**fingerprint_view(cfg.train), "precision": hw.precision, "device": hw.device}
+    if train["packing"] == "stream":  # the default, which every model before the option trained with: same fingerprint
+        del train["packing"]
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
     return {"model": fingerprint_view(cfg.model), "train": train}

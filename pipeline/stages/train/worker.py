@@ -41,7 +41,7 @@ from pipeline.stages.train.checkpoints import (
     step_name,
 )
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
-from pipeline.stages.train.metrics import peak_flops, validation_loss
+from pipeline.stages.train.metrics import forward_loss, peak_flops, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
 from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
@@ -190,8 +190,7 @@ def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, g
     """Forward/backward over the accumulation micro-batches; returns this rank's summed loss."""
     loss_sum = torch.zeros((), device=device)
     for m in range(gas):
-        batch = torch.from_numpy(data.batch(idx[m * micro : (m + 1) * micro])).to(device)  # (micro, T+1)
-        loss = engine(batch[:, :-1], batch[:, 1:])
+        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device)
         if faults.triggered("train.nan", step + 1):
             loss = loss * float("nan")
         engine.backward(loss)
@@ -214,8 +213,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     checkpoints = Checkpoints.for_worker(under_ray, cfg.local_checkpoint_dir, rank)
     start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw)
-    data = TokenWindows(cfg.train_shards, cfg.seq_len)
-    val = TokenWindows(cfg.val_shards, cfg.seq_len) if t.get("eval_every") and cfg.val_shards else None
+    documents = t.get("packing", "stream") == "documents"
+    data = TokenWindows(cfg.train_shards, cfg.seq_len, documents=documents)
+    val = TokenWindows(cfg.val_shards, cfg.seq_len, documents=documents) if t.get("eval_every") and cfg.val_shards else None
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
     rates = _Rates(cfg, device, world)
     steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
