@@ -166,6 +166,8 @@ class TrainConfig(_Section):
     seed: int = Field(1337, description="Seed for init, data order and dropout.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and step) on the CPU; needs zero_stage >= 1.")
     offload_params: bool = Field(False, description="ZeRO-Infinity style parameter offload to the CPU; needs zero_stage 3.")
+    compile: bool = Field(False, description="torch.compile the model inside DeepSpeed (`engine.compile`, with compile_backend). Compiled kernels round differently from eager ones, so the train fingerprint holds it when on.")
+    compile_backend: str = Field("inductor", description="The torch.compile backend when compile is on (inductor: generated kernels; aot_eager: graph capture only, for debugging).")
     packing: Literal["stream", "documents"] = Field("stream", description="stream: windows cut from the concatenated documents attend across document boundaries; documents: each token attends only within its own document (block-diagonal causal mask) and positions restart at each document start; evaluation scores the same way.")
     init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")

@@ -217,3 +217,30 @@ def test_one_and_two_workers_train_on_the_same_samples_with_losses_equal_up_to_r
         # perturbation without amplifying it. 1e-5 (~100 ulps) leaves room for other BLAS thread counts, while another
         # sample in a batch moves this loss by ~1e-2 relative (compare consecutive steps): it would be caught.
         assert abs(other - loss) <= 1e-5 * abs(loss), f"step {step}: {loss} with 1 worker, {other} with 2"
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_under_zero_3_with_the_losses_of_eager(tmp_path):
+    """`train.compile` compiles the module inside DeepSpeed (`engine.compile`). The graph capture through ZeRO-3's
+    parameter hooks is what can break; `aot_eager` captures the same graphs as inductor (dynamo + AOTAutograd) but
+    runs them with eager kernels, so the losses must agree to float rounding, and it compiles in seconds on a CPU."""
+    from pipeline.schema import ModelSection, TrainConfig
+    from tokenization.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "train-00000.arrow", [rng.integers(0, 64, 300) for _ in range(20)], np.dtype(np.uint16))
+    losses = {}
+    for compiled in (False, True):
+        train = TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, num_workers=1, warmup_steps=1,
+                            checkpoint_every=4, log_every=1, zero_stage=3, lr=1e-2, compile=compiled,
+                            compile_backend="aot_eager")
+        config = {"model": {**ModelSection(n_layer=2, n_head=2, d_model=32, max_seq_len=16).model_config_fields(),
+                            "vocab_size": 64},
+                  "train": train.model_dump(mode="json"), "seq_len": 16, "train_shards": [str(tmp_path / "train-00000.arrow")]}
+        folder = tmp_path / ("compiled" if compiled else "eager")
+        folder.mkdir()
+        (records,) = _train_ranks(config, 1, folder)
+        losses[compiled] = {r["done"]: r["loss"] for r in records if "done" in r}
+    assert sorted(losses[False]) == [1, 2, 3, 4] and losses[True].keys() == losses[False].keys()
+    for step, loss in losses[False].items():
+        assert abs(losses[True][step] - loss) <= 1e-5 * abs(loss), f"step {step}: eager {loss}, compiled {losses[True][step]}"

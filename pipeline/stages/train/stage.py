@@ -48,11 +48,18 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
     return {**cfg.model.model_config_fields(), "vocab_size": vocab_size}
 
 
+# Train fields added after models were trained without them, with the value that reproduces those models.
+_LATER_DEFAULTS = {"packing": "stream", "compile": False}
+
+
 def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
     """What changes the weights: the model, the train fields, and the precision and device kind they train in."""
     train = {**fingerprint_view(cfg.train), "precision": hw.precision, "device": hw.device}
-    if train["packing"] == "stream":  # the default, which every model before the option trained with: same fingerprint
-        del train["packing"]
+    for key, default in _LATER_DEFAULTS.items():  # options added later: at their default, the fingerprint as before
+        if train.get(key) == default:
+            del train[key]
+    if not cfg.train.compile:
+        train.pop("compile_backend", None)  # read only when compiling
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
     return {"model": fingerprint_view(cfg.model), "train": train}

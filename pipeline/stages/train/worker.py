@@ -138,6 +138,8 @@ def _build(cfg: WorkerConfig, device: torch.device, world: int, precision: str) 
     optimizer = torch.optim.AdamW(_param_groups(model, t["weight_decay"]), lr=t["lr"], betas=tuple(t["betas"]), eps=1e-8)
     ds_config = deepspeed_config(t, world_size=world, precision=precision)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if t.get("compile"):  # in place (nn.Module.compile): parameter names, hence checkpoints, stay those of eager
+        engine.compile(backend=t.get("compile_backend", "inductor"))
     return engine, optimizer, ds_config
 
 
