@@ -40,6 +40,7 @@ from pipeline.stages.train.init_from import (
     init_config,
     init_identity,
 )
+from pipeline.stages.train.lora import ADAPTER_FILES, check_lora_targets
 from pipeline.stages.train.progress import forward_progress
 from pipeline.stages.train.worker import STATE, train_loop_per_worker
 
@@ -51,6 +52,10 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
 def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
     """What changes the weights: the model, the train fields, and the precision and device kind they train in."""
     train = {**fingerprint_view(cfg.train), "precision": hw.precision, "device": hw.device}
+    if cfg.train.lora is None:  # full fine-tuning: the fingerprints of before LoRA existed
+        del train["lora"]
+    else:
+        check_lora_targets(cfg)
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
     return {"model": fingerprint_view(cfg.model), "train": train}
@@ -136,6 +141,10 @@ def run(ctx: StageContext) -> dict[str, float]:
         if not verify_checkpoint(d):
             raise TrainingError(f"train: the final checkpoint {result.checkpoint.path} does not verify against its markers")
         for name in ("model.safetensors", "model.json", STATE):
+            if not (Path(d) / name).is_file():
+                raise TrainingError(f"train: final checkpoint {d} has no {name}")
+            shutil.copyfile(Path(d) / name, ctx.out_dir / name)
+        for name in ADAPTER_FILES if t.lora else ():  # the adapter beside the merged model
             if not (Path(d) / name).is_file():
                 raise TrainingError(f"train: final checkpoint {d} has no {name}")
             shutil.copyfile(Path(d) / name, ctx.out_dir / name)
