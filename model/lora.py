@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.gpt import GPT
 

@@ -20,8 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import GPT, ModelConfig
-from model.lora import LoraOptions, adapter_state_dict, base_state_dict, linear_targets, merged_state_dict, \
-    unknown_targets, weights_digest
+from model.lora import (
+    LoraOptions,
+    adapter_state_dict,
+    base_state_dict,
+    linear_targets,
+    merged_state_dict,
+    unknown_targets,
+    weights_digest,
+)
 from pipeline.errors import ConfigError, TargetError
 from pipeline.schema import Config
 

@@ -8,7 +8,8 @@ failure or a rerun of this stage after a crash resumes from the newest
 checkpoint that verifies (see `checkpoints`; the folder is kept because the
 stage is resumable). The final checkpoint carries the consolidated
 `model.safetensors` + `model.json`, copied to the top of the stage folder with
-the tokenizer, which is all `evaluate` and `decode` need; the final metrics are
+the tokenizer, which is all `evaluate` and `decode` need (with `train.lora` the
+weights are merged and the adapter comes beside them: see `lora`); the final metrics are
 read from its `train_state.json`, so a rerun that resumes from the final
 checkpoint (killed after training, before the commit) commits them too.
 
@@ -17,7 +18,9 @@ weights, with `train.precision` replaced by what it resolves to and the device
 kind beside it (`hardware` says how they are resolved on the driver, before Ray
 starts), so a model trained in fp32 on CPUs is never reused for a bf16 GPU run.
 `train.num_workers` stays out: the workers see the same samples and schedule,
-and the result is equal up to floating-point reduction order.
+and the result is equal up to floating-point reduction order. `train.lora` enters
+only when set (full fine-tuning keeps the fingerprints it had before LoRA); with
+LoRA, `init_from`'s identity is there as for any fine-tuning.
 """
 
 from __future__ import annotations
