@@ -46,6 +46,7 @@ def one(kind: str, cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     if kind == "lora":
         cfg["train"]["lora"] = LORA
+        import peft  # noqa: F401 - imported before the baseline: its import (transformers) is not training memory
     before = _rss_mib()
     out = train_loop_per_worker(cfg)
     if torch.cuda.is_available():
@@ -70,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--size", action="append", choices=list(SIZES), help="only these model sizes (default: all)")
     ap.add_argument("--one", nargs=2, metavar=("KIND", "CONFIG"))
     args = ap.parse_args()
     if args.one:
@@ -83,6 +85,8 @@ def main() -> None:
         tmp = Path(d)
         shard = make_shard(tmp)
         for name, size in SIZES.items():
+            if args.size and name not in args.size:
+                continue
             memory: dict[str, list[float]] = {}
             med = interleaved_medians({k: partial(side, k, size, shard, args.steps, tmp, memory) for k in ("full", "lora")},
                                       args.repeats)
