@@ -11,6 +11,9 @@ exact function we compute (`gelu` or `gelu_pytorch_tanh`); NTK-aware RoPE scalin
 becomes plain RoPE with the equivalent larger base. Import reads `config.json`
 and safetensors only (never a pickle) and refuses what it cannot reproduce,
 naming the field, so a local checkpoint becomes a fine-tuning starting point.
+`export_peft_adapter` writes a LoRA adapter (`model.lora`) in PEFT's format for
+the exported base: an adapter on a fused matrix becomes one adapter per part,
+sharing `A` and splitting `B`'s rows, which is exact (B A split by rows).
 `transformers` is only needed for export (its config classes write the JSON),
 and is imported there, never at module import.
 """
@@ -68,6 +71,40 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     GenerationConfig(**ids).save_pretrained(folder)
     if tokenizer is not None:
         _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, eos_token_id=eos_token_id)
+    return folder
+
+
+# one adapter of ours -> (PEFT module suffix, rows of B) per part: None = all rows
+_PEFT_GPT2 = {"attn.qkv": ["attn.c_attn"], "attn.proj": ["attn.c_proj"], "mlp.fc": ["mlp.c_fc"], "mlp.proj": ["mlp.c_proj"]}
+_PEFT_LLAMA = {"attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn.proj": ["self_attn.o_proj"],
+               "mlp.fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.proj": ["mlp.down_proj"]}
+
+
+def export_peft_adapter(adapter: dict[str, torch.Tensor], cfg: ModelConfig, folder: str | Path, *, r: int,
+                        alpha: float, dropout: float, base: str) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` for `peft.PeftModel.from_pretrained(base, folder)`,
+    from a `model.lora.adapter_state_dict` of a model whose Hugging Face export is `base`."""
+    from peft import LoraConfig
+
+    family, folder = hf_family(cfg), Path(folder)
+    parts, prefix = (_PEFT_GPT2, "transformer.h") if family == "gpt2" else (_PEFT_LLAMA, "model.layers")
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    tensors: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    for key in sorted(k for k in adapter if k.endswith(".lora_A")):
+        layer, target = key.removesuffix(".lora_A").removeprefix("blocks.").split(".", 1)
+        a, b = adapter[key], adapter[key.removesuffix("A") + "B"]
+        names = parts[target]
+        bs = [b] if len(names) == 1 else b.split([q, kv, kv]) if target == "attn.qkv" else b.chunk(2)
+        for name, b_part in zip(names, bs):
+            tensors[f"base_model.model.{prefix}.{layer}.{name}.lora_A.weight"] = a.clone()  # shared A: one copy per part
+            tensors[f"base_model.model.{prefix}.{layer}.{name}.lora_B.weight"] = b_part.clone()
+            targets.add(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    # GPT-2's Conv1D stores (in, out): PEFT must know to transpose when it merges
+    LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets), bias="none",
+               fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM", base_model_name_or_path=base).save_pretrained(folder)
     return folder
 
 

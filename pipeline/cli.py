@@ -110,6 +110,8 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("target", help=target)
     e.add_argument("out", help="the folder to write")
     e.add_argument("--eos-token", default=EOS)
+    e.add_argument("--merge", action="store_true", help="a LoRA model: write the merged weights only (without: the "
+                   "base, and the adapter in PEFT's format under OUT/adapter)")
     c = sub.add_parser("compare", help="evaluation metrics of several runs side by side")
     c.add_argument("runs", nargs="*", help="evaluate child runs or parent runs (MLflow run ids)")
     c.add_argument("--experiment", help="compare the newest evaluation of every distinct config in this experiment")
@@ -310,8 +312,11 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _export_hf(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from model import export_hf, load_model
-    from model.hf import hf_family
+    from model.hf import export_peft_adapter, hf_family
+    from pipeline.stages.train.lora import base_model, read_adapter
     from pipeline.tracking.lookup import resolve_model_dir
     from tokenization.bpe import load_tokenizer
 
@@ -322,8 +327,17 @@ def _export_hf(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise TargetError(f"export-hf: {folder}: {e}") from None
     eos = load_tokenizer(folder / "tokenizer.json").token_to_id(args.eos_token)
-    export_hf(model, args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos)
-    print(f"exported {folder} as a Hugging Face {family} model to {args.out}")
+    adapter = None if args.merge else read_adapter(folder)
+    if adapter is None:  # a fully fine-tuned model, or --merge: model.safetensors holds the merged weights
+        export_hf(model, args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos)
+        print(f"exported {folder} as a Hugging Face {family} model to {args.out}")
+        return
+    tensors, meta = adapter
+    export_hf(base_model(model.config, meta, folder), args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos)
+    export_peft_adapter(tensors, model.config, Path(args.out) / "adapter", r=meta["r"], alpha=meta["alpha"],
+                        dropout=meta["dropout"], base=str(Path(args.out).resolve()))
+    print(f"exported the base of {folder} as a Hugging Face {family} model to {args.out}, and its LoRA adapter in "
+          f"PEFT's format to {Path(args.out) / 'adapter'} (--merge: the merged weights instead)")
 
 
 def _compare(args: argparse.Namespace) -> None:

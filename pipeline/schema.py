@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from model.config import ModelConfig
 from model.generate import SamplingOptions
+from model.lora import LoraOptions
 from model.presets import PRESETS
 from model.rag import RetrieveOptions
 from model.scoring import EvalOptions
@@ -170,6 +171,7 @@ class TrainConfig(_Section):
     compile_backend: str = Field("inductor", description="The torch.compile backend when compile is on (inductor: generated kernels; aot_eager: graph capture only, for debugging).")
     packing: Literal["stream", "documents"] = Field("stream", description="stream: windows cut from the concatenated documents attend across document boundaries; documents: each token attends only within its own document (block-diagonal causal mask) and positions restart at each document start; evaluation scores the same way.")
     init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
+    lora: LoraOptions | None = Field(None, description="Train LoRA adapters on a frozen base instead of every weight (usually with init_from); default: full fine-tuning.")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
     eval_tokens: int = Field(32768, ge=1, description="Validation tokens scored each time.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON merged last (escape hatch; batch sizes must still agree).")

@@ -8,7 +8,8 @@ failure or a rerun of this stage after a crash resumes from the newest
 checkpoint that verifies (see `checkpoints`; the folder is kept because the
 stage is resumable). The final checkpoint carries the consolidated
 `model.safetensors` + `model.json`, copied to the top of the stage folder with
-the tokenizer, which is all `evaluate` and `decode` need; the final metrics are
+the tokenizer, which is all `evaluate` and `decode` need (with `train.lora` the
+weights are merged and the adapter comes beside them: see `lora`); the final metrics are
 read from its `train_state.json`, so a rerun that resumes from the final
 checkpoint (killed after training, before the commit) commits them too.
 
@@ -17,7 +18,9 @@ weights, with `train.precision` replaced by what it resolves to and the device
 kind beside it (`hardware` says how they are resolved on the driver, before Ray
 starts), so a model trained in fp32 on CPUs is never reused for a bf16 GPU run.
 `train.num_workers` stays out: the workers see the same samples and schedule,
-and the result is equal up to floating-point reduction order.
+and the result is equal up to floating-point reduction order. `train.lora` enters
+only when set (full fine-tuning keeps the fingerprints it had before LoRA); with
+LoRA, `init_from`'s identity is there as for any fine-tuning.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pipeline.stages.train.init_from import (
     init_config,
     init_identity,
 )
+from pipeline.stages.train.lora import ADAPTER_FILES, check_lora_targets
 from pipeline.stages.train.progress import forward_progress
 from pipeline.stages.train.worker import STATE, train_loop_per_worker
 
@@ -49,7 +53,7 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
 
 
 # Train fields added after models were trained without them, with the value that reproduces those models.
-_LATER_DEFAULTS = {"packing": "stream", "compile": False}
+_LATER_DEFAULTS = {"packing": "stream", "compile": False, "lora": None}  # lora None: full fine-tuning
 
 
 def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
@@ -60,6 +64,8 @@ def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
             del train[key]
     if not cfg.train.compile:
         train.pop("compile_backend", None)  # read only when compiling
+    if cfg.train.lora is not None:
+        check_lora_targets(cfg)
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
     return {"model": fingerprint_view(cfg.model), "train": train}
@@ -145,6 +151,10 @@ def run(ctx: StageContext) -> dict[str, float]:
         if not verify_checkpoint(d):
             raise TrainingError(f"train: the final checkpoint {result.checkpoint.path} does not verify against its markers")
         for name in ("model.safetensors", "model.json", STATE):
+            if not (Path(d) / name).is_file():
+                raise TrainingError(f"train: final checkpoint {d} has no {name}")
+            shutil.copyfile(Path(d) / name, ctx.out_dir / name)
+        for name in ADAPTER_FILES if t.lora else ():  # the adapter beside the merged model
             if not (Path(d) / name).is_file():
                 raise TrainingError(f"train: final checkpoint {d} has no {name}")
             shutil.copyfile(Path(d) / name, ctx.out_dir / name)

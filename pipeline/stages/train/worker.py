@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_save
+from model.lora import LoraOptions, add_adapters, is_adapted
 from pipeline import faults
 from pipeline.engine.store import StageRef
 from pipeline.errors import TrainingError
@@ -41,6 +42,7 @@ from pipeline.stages.train.checkpoints import (
     step_name,
 )
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
+from pipeline.stages.train.lora import final_weights, write_adapter
 from pipeline.stages.train.metrics import forward_loss, peak_flops, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
 from pipeline.stages.train.progress import report_progress
@@ -93,9 +95,10 @@ def _init_single_process(backend: str) -> None:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not biases, norms)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """Weight decay on matrices only (not biases, norms); frozen parameters (a LoRA base) are not optimised."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -134,6 +137,8 @@ def _build(cfg: WorkerConfig, device: torch.device, world: int, precision: str) 
         init_config, state_dict = initial_weights(t["init_from"])
         check_init_compatible(init_config, cfg.model, t["init_from"])
         model.load_state_dict(state_dict, strict=False)  # strict=False only for a tied lm_head.weight
+    if t.get("lora"):  # adapters on the loaded base, which PEFT freezes; A drawn from the seeded generator
+        add_adapters(model, LoraOptions(**t["lora"]))
     model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, t["weight_decay"]), lr=t["lr"], betas=tuple(t["betas"]), eps=1e-8)
     ds_config = deepspeed_config(t, world_size=world, precision=precision)
@@ -300,10 +305,12 @@ def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *
         (tmp / DS_TAG).mkdir()
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         save_rng(tmp, rank=rank, device=device)
-        state_dict = _consolidated_state_dict(engine, rank) if final else None
+        state_dict, adapter = _consolidated_state_dict(engine, rank, cfg.train) if final else (None, None)
         if rank == 0:
             if state_dict is not None:
                 save_model(tmp, state_dict, engine.module.config, step=step, **cfg.meta)
+            if adapter is not None:  # LoRA: the model above is merged; the adapter goes beside it
+                write_adapter(tmp, *adapter)
             (tmp / STATE).write_text(json.dumps({"step": step, "final": final, "metrics": metrics, "model": cfg.model,
                                                  "world_size": world, **hw,
                                                  "global_batch_size": cfg.train["global_batch_size"]}))
@@ -323,12 +330,20 @@ def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: str, hw: 
     check_same_hardware(state, hw["precision"], hw["device"], where)
 
 
-def _consolidated_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32-or-training-precision weights on rank 0, from any ZeRO stage."""
+def _consolidated_state_dict(engine: Any, rank: int, train: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, Any]:
+    """Full fp32-or-training-precision weights on rank 0, from any ZeRO stage, and with LoRA the adapter's
+    (tensors, adapter.json); the weights are then the base with the adapters merged in."""
+    import contextlib
+
     import deepspeed
 
     module = engine.module
-    if engine.zero_optimization_stage() == 3:  # parameters are partitioned: gather them (all ranks enter)
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return state_dict_for_save(module) if rank == 0 else None
-    return state_dict_for_save(module) if rank == 0 else None
+    gathered = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())  # ZeRO-3: all ranks enter
+    with gathered:
+        if rank != 0:
+            return None, None
+        if is_adapted(module):
+            merged, adapter, meta = final_weights(module, train)
+            return merged, (adapter, meta)
+        return state_dict_for_save(module), None
