@@ -207,3 +207,19 @@ def test_a_short_real_run_fine_tunes_on_prompt_completion_data(tmp_path, trackin
     (ev,) = [p for p in (root / "evaluate").iterdir() if (p / "_COMPLETE.json").exists()]
     result = json.loads((ev / "eval.json").read_text())
     assert result["loss_mask"] is True and np.isfinite(result["metrics"]["val_loss"])
+
+
+def test_a_chat_template_whose_markers_are_not_tokens_is_refused_before_work(tmp_path, tiny_config):
+    """Without its markers as tokens the template could not mark the assistant turns: the mask would be lost."""
+    from pipeline.stages.prepare import _check_template
+    from pipeline.stages.tokenizer import special_tokens
+
+    cfg = tiny_config(data={"format": "chat"})
+    assert special_tokens(cfg)[-len(CHAT_MARKERS):] == CHAT_MARKERS  # the tokenizer stage adds them for chat data
+    assert special_tokens(tiny_config()) == SPECIAL_TOKENS  # and only then
+    plain = tmp_path / "tokenizer.json"
+    train_bpe(["the king and the fool"] * 4, vocab_size=280).save(str(plain))
+    with pytest.raises(InputError, match=r"^data.format=chat: the tokenizer has no token <\|system\|>, <\|user\|>, "
+                                         r"<\|assistant\|>, <\|end\|>, so the chat template cannot mark"):
+        _check_template(cfg, str(plain))
+    _check_template(tiny_config(), str(plain))  # text data needs no markers
