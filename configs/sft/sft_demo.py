@@ -27,9 +27,6 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "tasks"))
-from make_tasks import speeches  # noqa: E402  (the demo task builder's speech parser)
-
 DATA = HERE / "speaker.jsonl"
 SEED, PER_PLAY, SPEAKERS, MAX_HELD_OUT = 23, 160, 4, 200
 
@@ -43,6 +40,9 @@ def build(config: str = "configs/demo.yaml") -> list[dict]:
     from tokenization.documents import documents
     from tokenization.inputs import Piece, resolve_inputs
     from tokenization.readers import SkipLog
+
+    sys.path.insert(0, str(HERE.parent / "tasks"))
+    from make_tasks import speeches  # the demo task builder's speech parser
 
     cfg = load_config(config)
     rng = random.Random(SEED)
