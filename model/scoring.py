@@ -14,7 +14,10 @@ scores only the targets no earlier window scored, so every token is scored once
 with at least `window - stride` tokens of context (the first window of a buffer
 scores all of its targets). Given where each buffer's documents start
 (`doc_starts`), every window is scored as document-aware packing trains: each
-token attends within its own document, positions restarting there. `EvalOptions`
+token attends within its own document, positions restarting there. Given loss
+masks (task data), only the masked-in targets (completion / assistant tokens)
+are scored, and only at the training context: the length sweep and RoPE-scaled
+lengths are skipped for task data (a note says so). `EvalOptions`
 is also the pipeline's `evaluate` config section. Pure PyTorch and NumPy: the
 tokens come in as arrays.
 """
@@ -96,9 +99,11 @@ def window_segments(doc_starts: np.ndarray, first: int, L: int) -> np.ndarray:
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[Window], *, L: int, batch_size: int,
                   byte_lengths: np.ndarray, unigram_logp: np.ndarray | None = None,
-                  position_buckets: int = 16, doc_starts: list[np.ndarray] | None = None) -> dict[str, Any]:
+                  position_buckets: int = 16, doc_starts: list[np.ndarray] | None = None,
+                  masks: list[np.ndarray] | None = None) -> dict[str, Any]:
     """Loss, perplexity, bits per byte, token accuracy and loss by position over the planned windows
-    (document-aware when `doc_starts`, each buffer's document starts, are given)."""
+    (document-aware when `doc_starts`, each buffer's document starts, are given; only the targets whose
+    loss mask is 1 when `masks`, each buffer's, are given)."""
     assert plan, f"no window of {L} tokens fits in the validation data"
     device = next(model.parameters()).device
     nats = correct = tokens = nbytes = uni = 0.0
@@ -112,6 +117,8 @@ def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[
         logits = (model(x) if segments is None else model(x, segment_ids=segments)).float()  # (b, L, vocab)
         loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (b, L)
         keep = torch.arange(L, device=device)[None] >= torch.tensor([k for *_, k in chunk], device=device)[:, None]
+        if masks is not None:
+            keep &= torch.from_numpy(np.stack([masks[b][s + 1 : s + L + 1] for b, s, _ in chunk]).astype(bool)).to(device)
         loss, keep_f = loss.cpu().numpy(), keep.cpu().numpy()
         ys = y.cpu().numpy()[keep_f]
         nats += float(loss[keep_f].sum())
@@ -122,6 +129,9 @@ def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[
         pos_count += keep_f.sum(0)
         if unigram_logp is not None:
             uni -= float(unigram_logp[ys].sum())
+    if not tokens:
+        raise NoWindowError("evaluate: the validation windows hold no target with loss mask 1 (no completion or "
+                            "assistant token); raise data.val_fraction or evaluate.max_tokens")
     out = {"loss": nats / tokens, "ppl": math.exp(min(nats / tokens, 700.0)), "bpb": nats / math.log(2) / max(1.0, nbytes),
            "token_accuracy": correct / tokens, "tokens": tokens,
            "loss_by_position": _buckets(pos_nats, pos_count, position_buckets)}
@@ -146,7 +156,8 @@ def unigram_logprobs(train_buffers: list[np.ndarray], vocab_size: int) -> np.nda
 
 def _score_length(model: torch.nn.Module, buffers: list[np.ndarray], L: int, *, train_seq_len: int, opts: EvalOptions,
                   byte_lengths: np.ndarray, unigram_logp: np.ndarray | None = None,
-                  doc_starts: list[np.ndarray] | None = None) -> dict[str, Any] | None:
+                  doc_starts: list[np.ndarray] | None = None, masks: list[np.ndarray] | None = None
+                  ) -> dict[str, Any] | None:
     """None when no validation shard holds a window of L + 1 tokens."""
     stride = min(L, opts.stride or max(1, L // 2)) if opts.sliding_window else L
     plan = window_plan([len(b) for b in buffers], L, stride=stride, max_targets=opts.max_tokens)
@@ -154,22 +165,25 @@ def _score_length(model: torch.nn.Module, buffers: list[np.ndarray], L: int, *, 
         return None
     return score_windows(model, buffers, plan, L=L, batch_size=max(1, opts.batch_size * train_seq_len // L),
                          byte_lengths=byte_lengths, unigram_logp=unigram_logp, position_buckets=opts.position_buckets,
-                         doc_starts=doc_starts)
+                         doc_starts=doc_starts, masks=masks)
 
 
 def sweep(model: torch.nn.Module, val_buffers: list[np.ndarray], *, train_seq_len: int, opts: EvalOptions,
-          byte_lengths: np.ndarray, unigram_logp: np.ndarray, doc_starts: list[np.ndarray] | None = None) -> dict[str, Any]:
+          byte_lengths: np.ndarray, unigram_logp: np.ndarray, doc_starts: list[np.ndarray] | None = None,
+          masks: list[np.ndarray] | None = None) -> dict[str, Any]:
     """Every metric of the stage: the unscaled sweep (`lengths`), RoPE-scaled sweeps (`rope_scaled`), notes.
-    doc_starts: each buffer's document starts, to score document-aware (as `train.packing: documents` trains)."""
+    doc_starts: each buffer's document starts, to score document-aware (as `train.packing: documents` trains).
+    masks: each buffer's loss mask (task data): only masked-in targets scored, at the training context only."""
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
-    for m in sorted(set(opts.context_multipliers) | {1.0}):
+    multipliers = {1.0} if masks is not None else set(opts.context_multipliers) | {1.0}
+    for m in sorted(multipliers):
         L = max(2, int(round(train_seq_len * m)))
         if not model.supports_length(L):
             rows.append({"multiplier": m, "context": L, "supported": False})
             continue
         r = _score_length(model, val_buffers, L, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths,
-                          unigram_logp=unigram_logp if m == 1.0 else None, doc_starts=doc_starts)
+                          unigram_logp=unigram_logp if m == 1.0 else None, doc_starts=doc_starts, masks=masks)
         if r is None:
             if m == 1.0:
                 raise NoWindowError(f"evaluate: no validation shard holds a window of the training context ({L} + 1 tokens); "
@@ -186,12 +200,18 @@ def sweep(model: torch.nn.Module, val_buffers: list[np.ndarray], *, train_seq_le
     short = [r["context"] for r in rows if "reason" in r]
     notes = [f"lengths {unsupported} exceed the learned position table of {model.config.max_seq_len}"] if unsupported else []
     notes += [f"lengths {short} not scored: no validation shard holds that many tokens + 1"] if short else []
-    scaled, note = _rope_scaled(model, val_buffers, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths,
-                                metrics=metrics, doc_starts=doc_starts)
+    if masks is not None:  # task data: the loss on completion tokens at the trained context is the measure
+        scaled, note = {}, [("task data (loss mask): only completion / assistant tokens scored, at the training "
+                             "context; the length sweep and RoPE-scaled lengths are skipped")]
+    else:
+        scaled, note = _rope_scaled(model, val_buffers, train_seq_len=train_seq_len, opts=opts,
+                                    byte_lengths=byte_lengths, metrics=metrics, doc_starts=doc_starts)
     out = {"metrics": metrics, "lengths": rows, "rope_scaled": scaled, "notes": notes + note,
            "train_seq_len": train_seq_len, "sliding_window": opts.sliding_window, "stride": opts.stride}
     if doc_starts is not None:  # said only when on, so the default eval.json stays as it was
         out["packing"] = "documents"
+    if masks is not None:
+        out["loss_mask"] = True
     return out
 
 

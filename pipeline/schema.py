@@ -111,6 +111,8 @@ class IndexConfig(DocOptions):
         super().__post_init__()
         if not self.inputs:
             raise ValueError("IndexConfig.inputs: give at least one file, folder or glob")
+        if self.format != "text":
+            raise ValueError(f"IndexConfig.format: a knowledge corpus is text, got {self.format!r}")
         if self.passage_tokens < 1:
             raise ValueError(f"IndexConfig.passage_tokens: must be >= 1, got {self.passage_tokens}")
         if not 0 <= self.overlap < self.passage_tokens:

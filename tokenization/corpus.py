@@ -5,7 +5,8 @@ shards of about a target size: the plan depends on file sizes only. Pass 1
 (`hash_shards`) hashes every document for exact de-duplication; pass 2
 (`tokenize_shard`) tokenizes one shard a batch of documents at a time, drops
 the duplicates it is told to, splits by content hash and writes
-`train-NNNNN.arrow` / `val-NNNNN.arrow` through a spilling `ShardWriter`.
+`train-NNNNN.arrow` / `val-NNNNN.arrow` through a spilling `ShardWriter`
+(task data, `data.format` other than text, with its loss mask column).
 This module imports only numpy, pyarrow and tokenizers, so the processes
 that run it start fast.
 """
@@ -32,6 +33,7 @@ from tokenization.documents import (
 from tokenization.inputs import InputFile, Piece, split_file
 from tokenization.readers import SkipLog
 from tokenization.shards import ShardWriter
+from tokenization.taskdata import encode_task
 
 
 def plan_shards(files: list[InputFile], shard_bytes: int) -> list[list[Piece]]:
@@ -60,6 +62,16 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def _encoded(tok, batch: list[str], dtype: np.dtype, task: bool, n_eos: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids, loss mask of ids + EOS, or None for text) per document of a batch."""
+    if not task:
+        return [(ids, None) for ids in encode_documents(tok, batch, dtype)]
+    out = []
+    for ids, mask, last_learnt in encode_task(batch, lambda texts: encode_documents(tok, texts, dtype), tok.token_to_id, dtype):
+        out.append((ids, np.concatenate([mask, np.full(n_eos, last_learnt, dtype=np.uint8)])))  # EOS counts after a completion
+    return out
+
+
 def tokenize_shard(index: int, pieces: list[Piece], drop: np.ndarray, *, tokenizer_path: str, eos_token: str,
                    opts: DocOptions, val_fraction: float, append_eos: bool, out_dir: str) -> dict[str, Any]:
     """Pass 2 (plain function): tokenize one shard and write its train/val Arrow files. Documents are read, encoded
@@ -71,15 +83,16 @@ def tokenize_shard(index: int, pieces: list[Piece], drop: np.ndarray, *, tokeniz
     dropped = set(drop.tolist())
     filtered["duplicate"] += len(dropped)
     names = {split: f"{split}-{index:05d}.arrow" for split in ("train", "val")}
-    writers = {split: ShardWriter(Path(out_dir) / name, dtype) for split, name in names.items()}
+    task = opts.format != "text"  # task data: ids rendered from the record's parts, with a loss mask
+    writers = {split: ShardWriter(Path(out_dir) / name, dtype, loss_mask=task) for split, name in names.items()}
     text_bytes = {"train": 0, "val": 0}
     lengths = array("q")
     try:
         kept = (text for i, text in enumerate(documents(pieces, opts, log, filtered)) if i not in dropped)
         for batch in batches(kept, BATCH_CHARS):
-            for text, ids in zip(batch, encode_documents(tok, batch, dtype)):
+            for text, (ids, mask) in zip(batch, _encoded(tok, batch, dtype, task, len(eos))):
                 split = "val" if is_validation(doc_hash(text), val_fraction) else "train"
-                writers[split].add(np.concatenate([ids, eos]))
+                writers[split].add(np.concatenate([ids, eos]), mask)
                 text_bytes[split] += len(text.encode("utf-8"))
                 lengths.append(len(ids) + len(eos))
         written = {split: w.close() for split, w in writers.items()}

@@ -16,6 +16,11 @@ windows, plus a segment id per input token (0 for the document the window
 starts in, +1 at each later document start, from the shard's row offsets), so
 the model can attend within documents only and restart positions at each one.
 A window's ids are a pure function of its index too.
+
+Task data (shards with a `loss_mask` column) adds a mask per target: `loss_mask`
+gives, for each window, 1 where its target token counts in the loss (a
+completion or assistant token) and 0 elsewhere; text data has none (`masked`
+is False) and every target counts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenization.shards import read_document_starts, read_tokens
+from tokenization.shards import read_document_starts, read_loss_mask, read_tokens
 
 
 class TokenWindows:
@@ -34,6 +39,10 @@ class TokenWindows:
         self.seq_len = seq_len
         self.buffers = [read_tokens(p) for p in shard_paths]
         self.doc_starts = [read_document_starts(p) for p in shard_paths] if documents else None
+        masks = [read_loss_mask(p) for p in shard_paths]
+        if any(m is None for m in masks) and any(m is not None for m in masks):
+            raise ValueError("TokenWindows: some shards carry a loss mask and some do not (mixed task and text data)")
+        self.masks = masks if masks and masks[0] is not None else None
         counts = [max(0, (len(b) - 1) // seq_len) for b in self.buffers]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # window index offsets
         self.num_tokens = int(sum(len(b) for b in self.buffers))
@@ -42,6 +51,20 @@ class TokenWindows:
     def documents(self) -> bool:
         """Whether the windows carry segment ids (document-aware packing)."""
         return self.doc_starts is not None
+
+    @property
+    def masked(self) -> bool:
+        """Whether the windows carry a loss mask (task data)."""
+        return self.masks is not None
+
+    def loss_mask(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices), seq_len) bool: whether each window's targets (tokens 1..seq_len) count in the loss."""
+        assert self.masks is not None, "these shards hold no loss mask (text data)"
+        out = np.empty((len(indices), self.seq_len), dtype=bool)
+        for row, i in enumerate(indices):
+            shard, off = self._locate(int(i))
+            out[row] = self.masks[shard][off + 1 : off + self.seq_len + 1]
+        return out
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -18,10 +18,12 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from tokenization.inputs import Piece
+from tokenization.inputs import InputError, Piece, display, suffix_of
 from tokenization.readers import SkipLog, iter_documents, iter_located_documents
+from tokenization.taskdata import record_reader
 
 T = TypeVar("T")
+JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json")  # the files that hold task records
 
 # Token-count histogram edges: 0, 1, 2, 4, ... 2^24 (then everything longer).
 LENGTH_EDGES = np.array([0] + [2**k for k in range(25)], dtype=np.int64)
@@ -46,6 +48,14 @@ class DocOptions:
     """Drop documents with fewer non-blank characters (counted as too_short)."""
     max_chars: int | None = None
     """Drop documents longer than this (counted as too_long)."""
+    format: Literal["text", "prompt_completion", "chat"] = "text"
+    """text: plain documents (text_field); prompt_completion: JSON records {prompt, completion}; chat: JSON records {messages: [{role: system|user|assistant, content}]}, rendered with the built-in template. Task formats store a loss mask: only completion / assistant tokens are trained on and scored."""
+    prompt_field: str = "prompt"
+    """prompt_completion: the key holding the prompt."""
+    completion_field: str = "completion"
+    """prompt_completion: the key holding the completion."""
+    messages_field: str = "messages"
+    """chat: the key holding the list of messages."""
 
     def __post_init__(self) -> None:
         if self.min_chars < 0:
@@ -53,15 +63,31 @@ class DocOptions:
         if self.max_chars is not None and self.max_chars < max(1, self.min_chars):
             raise ValueError(f"DocOptions.max_chars: {self.max_chars} is below min_chars ({self.min_chars}) or 1")
 
+    def record_field(self) -> str | Callable:
+        """What the readers take a record's document from: `text_field`, or a task format's record reader."""
+        if self.format == "text":
+            return self.text_field
+        return record_reader(self.format, prompt_field=self.prompt_field, completion_field=self.completion_field,
+                             messages_field=self.messages_field)
+
     def doc_options(self) -> DocOptions:
         """Just these options (a subclass, such as the pipeline's data section, carries more fields)."""
         return DocOptions(**{f.name: getattr(self, f.name) for f in fields(DocOptions)})
 
 
+def _check_format(piece: Piece, opts: DocOptions) -> None:
+    """Task records are JSON: a text or Parquet file cannot hold them."""
+    if opts.format != "text" and suffix_of(piece.uri) not in JSON_SUFFIXES:
+        raise InputError(f"{display(piece.uri)}: data.format={opts.format} reads JSON records "
+                         f"({', '.join(JSON_SUFFIXES)}), not {suffix_of(piece.uri)} files")
+
+
 def documents(pieces: Iterable[Piece], opts: DocOptions, log: SkipLog, filtered: Counter) -> Iterator[str]:
     skip_log = log if opts.on_error == "skip" else None
+    field = opts.record_field()
     for piece in pieces:
-        for text in iter_documents(piece, text_field=opts.text_field, log=skip_log,
+        _check_format(piece, opts)
+        for text in iter_documents(piece, text_field=field, log=skip_log,
                                    replace_invalid_utf8=opts.replace_invalid_utf8, max_chars=opts.max_chars):
             if (text := _cleaned(text, opts, filtered)) is not None:
                 yield text
@@ -71,8 +97,10 @@ def located_documents(pieces: Iterable[Piece], opts: DocOptions, log: SkipLog, f
                       ) -> Iterator[tuple[Piece, int, str]]:
     """`documents` with where each starts: (piece, 1-based line or Parquet row within the piece, text)."""
     skip_log = log if opts.on_error == "skip" else None
+    field = opts.record_field()
     for piece in pieces:
-        for line, text in iter_located_documents(piece, text_field=opts.text_field, log=skip_log,
+        _check_format(piece, opts)
+        for line, text in iter_located_documents(piece, text_field=field, log=skip_log,
                                                  replace_invalid_utf8=opts.replace_invalid_utf8,
                                                  max_chars=opts.max_chars):
             if (text := _cleaned(text, opts, filtered)) is not None:

@@ -45,8 +45,12 @@ def _kind(value: Any) -> str:
     return "int" if isinstance(value, Decimal) else type(value).__name__
 
 
-def record_text(record: Any, text_field: str, *, replace: bool = False, strings: bool = False) -> Result:
-    """The document of one parsed record. `strings` accepts a bare string (a `.json` array's element)."""
+def record_text(record: Any, text_field: str | Callable[[Any, bool], Result], *, replace: bool = False,
+                strings: bool = False) -> Result:
+    """The document of one parsed record. `strings` accepts a bare string (a `.json` array's element). A callable
+    `text_field` reads a task record instead (`tokenization.taskdata.record_reader`)."""
+    if callable(text_field):
+        return text_field(record, replace)
     if strings and isinstance(record, str):
         text, what = record, "the element"
     else:
@@ -63,7 +67,7 @@ def record_text(record: Any, text_field: str, *, replace: bool = False, strings:
     return text
 
 
-def parse_line(line: bytes | memoryview, text_field: str, *, replace: bool = False) -> Result:
+def parse_line(line: bytes | memoryview, text_field: str | Callable[[Any, bool], Result], *, replace: bool = False) -> Result:
     """The text of one JSON Lines line, or (reason, detail). `replace` puts U+FFFD for invalid UTF-8."""
     try:
         s = str(line, "utf-8", "replace" if replace else "strict")

@@ -30,6 +30,7 @@ from tokenization.inputs import (
     suffix_of,
 )
 from tokenization.readers import SkipLog
+from tokenization.taskdata import plain_text
 
 BLOCK = 1 << 20
 
@@ -66,6 +67,8 @@ def sample_texts(files: list[InputFile], opts: DocOptions, max_train_bytes: int,
     for piece, share in parts:
         taken = 0
         for text in documents([piece], opts, log, filtered):
+            if opts.format != "text":  # a task record: its texts, not its canonical JSON
+                text = plain_text(text)
             if seen["bytes"] >= max_train_bytes:
                 return
             text = text[: max_train_bytes - seen["bytes"]]

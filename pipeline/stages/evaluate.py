@@ -57,7 +57,12 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     With `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`)."""
     from model import load_model
     from tokenization.bpe import load_tokenizer, token_byte_lengths
-    from tokenization.shards import read_document_starts, read_documents, read_tokens
+    from tokenization.shards import (
+        read_document_starts,
+        read_documents,
+        read_loss_mask,
+        read_tokens,
+    )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(model_dir, device=device)
@@ -66,9 +71,11 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     kept = [(p, b) for p, b in ((p, read_tokens(p)) for p in val_shards) if len(b)]
     val = [b for _, b in kept]
     doc_starts = [read_document_starts(p) for p, _ in kept] if packing == "documents" else None
+    masks = [read_loss_mask(p) for p, _ in kept]  # task data: score the completion tokens only
+    masks = masks if masks and all(m is not None for m in masks) else None
     unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
     result = sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram,
-                   doc_starts=doc_starts)
+                   doc_starts=doc_starts, masks=masks)
     retrieve = getattr(opts, "retrieve", None)
     if retrieve is not None and index_dir is not None:
         from pipeline.rag import open_retriever, rag_evaluate

@@ -28,6 +28,7 @@ from pipeline.cluster.resources import cluster_gpus, task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.ray_tasks import DENSE_KINDS
 from pipeline.schema import Config, IndexConfig, as_dict, fingerprint_view
+from pipeline.stages.prepare import task_view
 from tokenization.inputs import (
     InputError,
     InputFile,
@@ -49,7 +50,7 @@ def knowledge_files(ix: IndexConfig, ignored: Counter | None = None) -> list[Inp
 def _section(cfg: Config) -> dict[str, Any]:
     if cfg.index is None:  # the stage is disabled (not in the plan); callers that list every stage still get a section
         return {"index": None}
-    ix = fingerprint_view(cfg.index)
+    ix = task_view(fingerprint_view(cfg.index))  # always text: the task-format keys stay out
     ix["inputs"] = input_identity(knowledge_files(cfg.index))
     return {"index": ix}
 

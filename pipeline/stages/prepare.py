@@ -14,6 +14,8 @@ the second pass drops the rest while tokenizing. Each shard becomes
 its content hash falls below `data.val_fraction`), written under a temporary
 name and renamed. Skipped records are counted by reason in `shards.json` and
 listed with file:line in `skipped.jsonl`; a length histogram goes to MLflow.
+Task data (`data.format` prompt_completion or chat, `tokenization.taskdata`)
+adds a `loss_mask` column to the shards; text shards are unchanged.
 Files of other types in an input folder are named in one warning line and
 counted (`ignored_files`). The inputs enter the fingerprint by stable name and
 content (`tokenization.inputs.input_identity`), not by path or mtime.
@@ -44,10 +46,31 @@ from tokenization.inputs import (
     input_identity,
     resolve_inputs,
 )
+from tokenization.taskdata import missing_markers
+
+TASK_KEYS = {"format": "text", "prompt_field": "prompt", "completion_field": "completion", "messages_field": "messages"}
+
+
+def task_view(data: dict[str, Any]) -> dict[str, Any]:
+    """`data`'s fingerprint without the task-format keys at their defaults: text data keeps the fingerprint it had
+    before task formats existed (a field name of another format does not change the output either)."""
+    fmt = data.get("format", "text")
+    used = {"text": (), "prompt_completion": ("prompt_field", "completion_field"), "chat": ("messages_field",)}[fmt]
+    return {k: v for k, v in data.items() if k not in TASK_KEYS or (k == "format" and fmt != "text") or k in used}
+
+
+def _check_template(cfg: Config, tok_path: str) -> None:
+    """A chat template needs its markers as single tokens, or the loss mask could not be placed: say so before work."""
+    if cfg.data.format != "chat":
+        return
+    if missing := missing_markers(load_tokenizer(tok_path).token_to_id):
+        raise InputError(f"data.format=chat: the tokenizer has no token {', '.join(missing)}, so the chat template "
+                         "cannot mark the assistant turns and their loss mask would be lost; let the tokenizer stage "
+                         "train one (it adds them for chat data) or add them to tokenizer.special_tokens")
 
 
 def _section(cfg: Config) -> dict[str, Any]:
-    data = fingerprint_view(cfg.data)
+    data = task_view(fingerprint_view(cfg.data))
     data["inputs"] = input_identity(resolve_inputs(cfg.data.inputs))
     return {"data": data}
 
@@ -63,6 +86,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     cfg = ctx.config
     d = cfg.data
     tok = ctx.inputs["tokenizer"]
+    _check_template(cfg, str(tok.file("tokenizer.json")))
     opts = cfg.data.doc_options()
     ignored: Counter = Counter()
     shards = plan_shards(resolve_inputs(d.inputs, ignored), max(1, int(d.shard_size_mb * 2**20)))

@@ -5,7 +5,9 @@ of files (blocks of a `.jsonl` or `.parquet`, whole text files, the start of a
 compressed file) are drawn with probability `max_train_bytes / corpus bytes`
 and only those are read (`tokenization.sample`), until `max_train_bytes` are
 collected. It sees the documents `prepare` will see (same bad-input policy,
-normalisation and filters) and runs as one Ray task. The input files'
+normalisation and filters) and runs as one Ray task. For task data it trains on
+the records' texts (no markers); for chat data it adds the chat template's
+role markers to the special tokens. The input files'
 identity (stable name and sha256, `tokenization.inputs.input_identity`) is
 part of the fingerprint; a given tokenizer is identified by its bytes instead.
 """
@@ -21,8 +23,10 @@ from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import ConfigError
 from pipeline.schema import Config, fingerprint_view
+from pipeline.stages.prepare import TASK_KEYS, task_view
 from tokenization.bpe import load_tokenizer, tokenizer_hash
 from tokenization.inputs import input_identity, resolve_inputs
+from tokenization.taskdata import CHAT_MARKERS
 
 
 def _given_path(path: str) -> Path:
@@ -36,10 +40,17 @@ def _given_path(path: str) -> Path:
 def _section(cfg: Config) -> dict[str, Any]:
     if cfg.tokenizer.path:  # a given tokenizer: its bytes are the identity, the corpus is irrelevant
         return {"sha256": tokenizer_hash(_given_path(cfg.tokenizer.path)), "eos_token": cfg.tokenizer.eos_token}
-    data = fingerprint_view(cfg.data)
+    data = task_view(fingerprint_view(cfg.data))
+    keys = ("text_field", "on_error", "replace_invalid_utf8", "normalize", "min_chars", "max_chars", *TASK_KEYS)
     return {"tokenizer": fingerprint_view(cfg.tokenizer),
-            "documents": {k: data[k] for k in ("text_field", "on_error", "replace_invalid_utf8", "normalize", "min_chars", "max_chars")},
+            "documents": {k: data[k] for k in keys if k in data},  # task keys only for task data: text keeps its fingerprint
             "inputs": input_identity(resolve_inputs(cfg.data.inputs))}
+
+
+def special_tokens(cfg: Config) -> list[str]:
+    """tokenizer.special_tokens, plus the chat template's markers for chat data (the template needs them whole)."""
+    extra = [m for m in CHAT_MARKERS if m not in cfg.tokenizer.special_tokens] if cfg.data.format == "chat" else []
+    return [*cfg.tokenizer.special_tokens, *extra]
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -60,7 +71,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     task = ray.remote(tasks.tokenizer_task).options(**task_options(res, "tokenizer", max_retries=cfg.data.max_retries))
     metrics, text = ray.get(task.remote(files, opts=cfg.data.doc_options(), vocab_size=t.vocab_size,
                                         min_frequency=t.min_frequency, max_train_bytes=t.max_train_bytes,
-                                        special_tokens=t.special_tokens))
+                                        special_tokens=special_tokens(cfg)))
     (ctx.out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "tokenizer.json")
     return metrics

@@ -36,10 +36,17 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
 
 def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch.device) -> torch.Tensor:
     """The mean loss over windows `idx` (training and validation alike); with document-aware packing each
-    window's segment ids go with it."""
+    window's segment ids go with it. Task data (a loss mask): the mean over the masked-in targets only, the
+    others set to -1, which the model's loss ignores, so prompt tokens get exactly zero gradient."""
     batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
     segments = torch.from_numpy(data.segments(idx)).to(device) if data.documents else None  # (micro, T)
-    return engine(batch[:, :-1], batch[:, 1:], segment_ids=segments)
+    targets = batch[:, 1:]
+    if data.masked:
+        mask = data.loss_mask(idx)
+        if not mask.any():  # nothing to learn in these windows (all prompt): a zero loss, still one forward pass
+            return engine(batch[:, :-1], targets, segment_ids=segments) * 0.0  # (ZeRO-3 ranks gather in step)
+        targets = targets.masked_fill(~torch.from_numpy(mask).to(device), -1)
+    return engine(batch[:, :-1], targets, segment_ids=segments)
 
 
 @torch.no_grad()
