@@ -263,3 +263,46 @@ def test_a_tiny_model_answers_facts_absent_from_its_training_text_only_with_retr
     rows, metrics = facts_check(model, tok, Retriever.build(table, "bm25"), questions, 1, eos_token=EOS)
     assert metrics["rag/facts_em"] >= 0.5 > metrics["rag/facts_em_base"] + 0.3
     assert all(json.loads(r["sources"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_editing_a_fact_reruns_only_index_and_decode_and_the_samples_cite_the_edited_passage(
+        ray_local, corpus_dir, tmp_path, tracking_uri, capsys):
+    """The seeds' claim through `llmpipe run`: a committed tokenizer and model (a tiny random one, committed as the
+    train stage would: nothing here trains), a knowledge file; edit its fact and only index and decode are stale."""
+    import yaml
+
+    from tests.conftest import tiny_raw
+
+    knowledge = _facts(tmp_path / "k")
+    root = tmp_path / "store"
+    raw = tiny_raw(corpus_dir, root, index={"inputs": [str(knowledge)], "passage_tokens": 64},
+                   decode={"prompts": ["the lamp room is painted"], "retrieve": 1, "num_samples": 1,
+                           "max_new_tokens": 2}, tracking={"enabled": False})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    store = ArtifactStore(str(root))
+    fps = _fps(cli.load_config(str(cfg), []))
+    model_dir = make_model_dir(store.working_dir("train", fps["train"], keep_partial=False), "rope")
+    store.commit("train", fps["train"], model_dir, {"stage": "train", "upstream": {"tokenizer": fps["tokenizer"]}})
+    tok_dir = store.working_dir("tokenizer", fps["tokenizer"], keep_partial=False)
+    (tok_dir / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    store.commit("tokenizer", fps["tokenizer"], tok_dir, {"stage": "tokenizer", "upstream": {}})
+
+    def cited_text() -> str:
+        assert cli.main(["run", str(cfg), "--only", "index"]) == 0
+        assert cli.main(["run", str(cfg), "--only", "decode"]) == 0
+        now = _fps(cli.load_config(str(cfg), []))
+        (sample,) = [json.loads(x) for x in (store.local_dir("decode", now["decode"]) / "samples.jsonl").open()]
+        (src,) = sample["sources"]
+        index = Retriever.load(store.local_dir("index", now["index"]))
+        return index.passages.column("text").to_pylist()[src["passage_id"]]
+
+    assert "vermilion" in cited_text()
+    _facts(tmp_path / "k", "teal")
+    capsys.readouterr()
+    assert cli.main(["status", str(cfg)]) == 0
+    state = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert all("cached" in state[n] for n in ("tokenizer", "train")) and all(
+        "cached" not in state[n] for n in ("index", "decode")), state
+    assert "teal" in cited_text()
