@@ -3,7 +3,9 @@
 A `Retriever` holds the passages (an Arrow table with id, doc_hash, file,
 line, text; see `tokenization.passages`) and one index per kind:
 - `bm25`: `bm25s` over lower-cased word tokens (`\\w+`, no stop list), scored
-  exactly for every passage, so leaving passages out is exact.
+  exactly for every passage, so leaving passages out is exact. A passage
+  scoring 0 (no word in common with the query) is never a hit: it would put
+  unrelated text in front of the prompt, so a search may return fewer than k.
 - `dense`: a `faiss` inner-product index over L2-normalised mean-pooled final
   hidden states of the trained model (`embed`), i.e. cosine similarity;
   queries are embedded with the same model and tokenizer.
@@ -11,7 +13,8 @@ line, text; see `tokenization.passages`) and one index per kind:
 
 `search(..., exclude=[doc_hash | None per query])` never returns a passage of
 the query's own document (the leakage guard) and still returns k hits when at
-least k other passages exist. Persistence pickles nothing: the passages are
+least k other passages exist (for BM25: k other passages that share a word
+with the query). Persistence pickles nothing: the passages are
 Parquet, bm25s writes its arrays with `np.save(allow_pickle=False)` and its
 vocabulary as JSON (loaded with `allow_pickle=False`), faiss its own format,
 and `retriever.json` says what the folder holds.
@@ -159,8 +162,14 @@ class Retriever:
             return np.zeros(len(self), dtype=np.float32)
         return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
 
-    def _bm25_search(self, query: str, k: int, banned: np.ndarray) -> list[tuple[int, float]]:
+    def _bm25_matches(self, query: str) -> np.ndarray:
+        """BM25 scores, -inf where a passage shares no word with the query (score <= 0): not a hit, at any rank."""
         scores = self._bm25_scores(query)
+        scores[scores <= 0] = -np.inf
+        return scores
+
+    def _bm25_search(self, query: str, k: int, banned: np.ndarray) -> list[tuple[int, float]]:
+        scores = self._bm25_matches(query)
         scores[banned] = -np.inf
         top = _top(scores, k)
         return list(zip(top.tolist(), scores[top].tolist()))
@@ -185,7 +194,7 @@ class Retriever:
         out = []
         for query, d_rows, b, n in zip(queries, dense_rows, banned, depth):
             fused = np.zeros(len(self))
-            sparse = _top(self._bm25_scores(query), n)
+            sparse = _top(self._bm25_matches(query), n)  # only passages sharing a word
             for ranking in (sparse, d_rows[(d_rows >= 0)][:n]):
                 fused[ranking] += 1.0 / (RRF_K + 1 + np.arange(len(ranking)))
             fused[fused == 0] = -np.inf  # in neither list: not a candidate

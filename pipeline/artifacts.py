@@ -5,7 +5,8 @@ tokenizer (`MODEL_FILES`): all that `evaluate`, `decode`, `llmpipe generate`,
 `export-hf` and the served model load. `model_dir_from_folder` leads from any
 train, evaluate or decode stage folder to that model folder, through the
 committed manifest of the store (`pipeline.engine.store`), never by rebuilding
-the store's layout by hand.
+the store's layout by hand; `committed_dirs` leads from a config to its
+committed train and index folders (`llmpipe generate CONFIG --retrieve K`).
 """
 
 from __future__ import annotations
@@ -38,3 +39,25 @@ def model_dir_from_folder(folder: Path) -> Path:
     if not has_model(train_dir):
         raise TargetError(f"{folder}: its train upstream {train_dir} is missing or incomplete")
     return train_dir
+
+
+def committed_dirs(config: str, overrides: list[str] | None = None) -> tuple[Path, Path | None]:
+    """The committed train folder a config leads to, and its committed index folder when the config has an `index:`
+    section (None without one): the folders `llmpipe run CONFIG` wrote, found by planning the config, never rebuilt."""
+    from pipeline.config import load_config
+    from pipeline.engine.plan import plan
+    from pipeline.stages import STAGES
+
+    cfg = load_config(config, overrides or [])
+    store = ArtifactStore(cfg.store.root)
+    fps = {it.stage.name: it.fingerprint for it in plan(cfg, store, STAGES)}
+    out = []
+    for stage in ("train", "index"):
+        if stage not in fps:
+            out.append(None)
+            continue
+        if store.manifest(stage, fps[stage]) is None:
+            raise TargetError(f"{config}: its {stage} stage ({fps[stage][:16]}) is not committed: "
+                              f"run `llmpipe run {config}` first")
+        out.append(store.local_dir(stage, fps[stage]))
+    return out[0], out[1]

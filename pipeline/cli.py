@@ -91,7 +91,7 @@ def _job_parsers(sub: argparse._SubParsersAction) -> None:
 def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     target = "a train/evaluate/decode stage folder, or the MLflow run id of such a stage or of a parent run"
     g = sub.add_parser("generate", help="sample completions from a trained model")
-    g.add_argument("target", help=target)
+    g.add_argument("target", help=target + "; or a config (.yaml) whose train (and index) stages are committed")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     d = SamplingOptions()  # the defaults, declared once
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -104,8 +104,10 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-samples", type=int, default=d.num_samples, help="completions per prompt")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--eos-token", default=EOS, help="stop at this token")
-    g.add_argument("--retrieve", type=int, metavar="K", help="prepend each prompt's K best passages from --index")
+    g.add_argument("--retrieve", type=int, metavar="K",
+                   help="prepend each prompt's K best passages from --index, or from the config's index stage")
     g.add_argument("--index", metavar="FOLDER", help="an index stage folder (the store's index/<fingerprint>)")
+    g.add_argument("overrides", nargs="*", help="config overrides (key=value) when TARGET is a config")
     e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2 or LLaMA folder")
     e.add_argument("target", help=target)
     e.add_argument("out", help="the folder to write")
@@ -281,6 +283,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from model import load_model
+    from pipeline.artifacts import committed_dirs
     from pipeline.rag import complete_with_retrieval, open_retriever
     from pipeline.tracking.lookup import resolve_model_dir
     from tokenization.bpe import load_tokenizer
@@ -293,11 +296,18 @@ def _generate(args: argparse.Namespace) -> None:
         raise ConfigError(f"generate: {e}") from None
     if args.retrieve is not None and args.retrieve < 1:
         raise ConfigError(f"generate --retrieve: must be >= 1, got {args.retrieve}")
+    if args.target.endswith((".yaml", ".yml")) and Path(args.target).is_file():  # a config: its committed stages
+        folder, index = committed_dirs(args.target, args.overrides)
+        args.index = args.index or (str(index) if index else None)
+    elif args.overrides:
+        raise ConfigError(f"generate: overrides {args.overrides} need a config as TARGET")
+    else:
+        folder = resolve_model_dir(args.target, tracking_uri=args.tracking_uri)
     if args.retrieve and not args.index:
-        raise ConfigError("generate --retrieve: retrieval needs an index: pass --index FOLDER (an index stage folder)")
+        raise ConfigError("generate --retrieve: retrieval needs an index: pass --index FOLDER (an index stage folder), "
+                          "or a config with an `index:` section as TARGET")
     if args.index and not (Path(args.index) / "retriever.json").is_file():
         raise TargetError(f"generate --index: {args.index} is not an index stage folder (no retriever.json)")
-    folder = resolve_model_dir(args.target, tracking_uri=args.tracking_uri)
     model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(folder / "tokenizer.json")
     retriever = open_retriever(args.index, model, tok) if args.retrieve else None

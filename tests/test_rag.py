@@ -131,12 +131,14 @@ def test_decoded_samples_cite_their_sources_and_k_beyond_the_index_names_the_key
     table, _, _ = file_passages(files, tok, DocOptions(), PassageOptions(passage_tokens=8, overlap=2))
     Retriever.build(table, "bm25").save(tmp_path / "index")
     opts = SamplingOptions(max_new_tokens=4, num_samples=2)
-    rows = decode_samples(str(model_dir), prompts=["the lamp room", "a fool"], opts=opts, eos_token=EOS,
-                          index_dir=str(tmp_path / "index"), retrieve=2)
-    assert len(rows) == 4
-    for r in rows:
+    prompts = ["the lamp room of Varnholm is painted", "is the room painted", "a fool"]
+    rows = decode_samples(str(model_dir), prompts=prompts, opts=opts, eos_token=EOS, index_dir=str(tmp_path / "index"),
+                          retrieve=2)
+    assert len(rows) == 6
+    for r in rows[:4]:
         assert len(r["sources"]) == 2 and {"passage_id", "file", "line", "score"} == set(r["sources"][0])
         assert r["sources"][0]["file"].endswith("facts.md") and r["sources"][0]["line"] == 1
+    assert rows[4]["sources"] == rows[5]["sources"] == []  # no word in common with the knowledge: nothing prepended
     plain = decode_samples(str(model_dir), prompts=["the lamp room"], opts=opts, eos_token=EOS)
     assert "sources" not in plain[0]
     with pytest.raises(InputError, match=rf"^decode\.retrieve: k=99 exceeds the {len(table)} passages of the index"):
@@ -146,6 +148,51 @@ def test_decoded_samples_cite_their_sources_and_k_beyond_the_index_names_the_key
     assert cli.main(["generate", str(model_dir), "--prompt", "the lamp room", "--retrieve", "1", "--index",
                      str(tmp_path / "index"), "--max-new-tokens", "3"]) == 0
     assert cli.main(["generate", str(model_dir), "--prompt", "x", "--retrieve", "1"]) == 2
+
+
+def _commit_index(store: ArtifactStore, fp: str, knowledge: Path, tok) -> None:
+    """What the index stage commits for this knowledge file (a BM25 retriever), without running Ray."""
+    table, _, _ = file_passages(resolve_inputs([str(knowledge)]), tok, DocOptions(), PassageOptions(passage_tokens=64, overlap=8))
+    work = store.working_dir("index", fp, keep_partial=False)
+    Retriever.build(table, "bm25").save(work)
+    store.commit("index", fp, work, {"stage": "index", "upstream": {"tokenizer": "x"}})
+
+
+def test_generate_config_retrieves_from_the_configs_committed_index_and_follows_an_edited_fact(
+        corpus_dir, tmp_path, capsys):
+    """`llmpipe generate CONFIG --retrieve K`: the config's committed train and index folders, found by planning it;
+    edit the knowledge file and only the index is new (the model is the same folder), the source is the edited fact."""
+    import yaml
+
+    from tests.conftest import tiny_raw
+
+    knowledge = _facts(tmp_path / "k")
+    root = tmp_path / "store"
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_raw(corpus_dir, root, index={"inputs": [str(knowledge)],
+                                                                         "passage_tokens": 64})))
+    store = ArtifactStore(str(root))
+    fps = _fps(cli.load_config(str(cfg_path), []))
+    tok_dir = make_model_dir(store.working_dir("train", fps["train"], keep_partial=False), "rope")
+    store.commit("train", fps["train"], tok_dir, {"stage": "train", "upstream": {}})
+    tok = load_tokenizer(tok_dir / "tokenizer.json")
+    args = ["generate", str(cfg_path), "--prompt", "the lamp room", "--retrieve", "1", "--max-new-tokens", "2"]
+    assert cli.main(args) == 2  # the index is not committed yet: one line saying so
+    err = capsys.readouterr().err
+    assert "its index stage" in err and "is not committed: run `llmpipe run" in err
+    _commit_index(store, fps["index"], knowledge, tok)
+    assert cli.main(args) == 0
+    assert "source: passage 0 facts.md:1" in capsys.readouterr().out
+
+    _facts(tmp_path / "k", "teal")  # the seeds' claim: edit the fact; only the index (and its readers) is stale
+    edited = _fps(cli.load_config(str(cfg_path), []))
+    assert [n for n in fps if fps[n] != edited[n]] == ["index"]
+    _commit_index(store, edited["index"], knowledge, tok)
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "source: passage 0 facts.md:1" in out
+    assert Retriever.load(store.local_dir("index", edited["index"])).search(["lamp room"], 1)[0][0].text.strip().endswith("teal.")
+    assert cli.main(["generate", str(cfg_path), "model.n_layer=3", "--prompt", "x", "--retrieve", "1"]) == 2  # no such train
 
 
 def test_answer_matching_compares_the_first_words():
@@ -166,6 +213,9 @@ def _fact(place: str, keeper: str) -> str:
     return f"The keeper of {place} is {keeper}."
 
 
+STEPS = 400  # a few seconds of one CPU thread: exact match 0.8 with retrieval, 0 without (0.65 at 300)
+
+
 def _training_text(rng: random.Random, n: int) -> list[str]:
     """Documents where a fact is stated, a blank line, then the same fact again (the template retrieval builds):
     the model learns to copy from its context, never the facts the test asks about."""
@@ -179,21 +229,25 @@ def _training_text(rng: random.Random, n: int) -> list[str]:
 @pytest.mark.slow
 def test_a_tiny_model_answers_facts_absent_from_its_training_text_only_with_retrieval(tmp_path, request):
     rng = random.Random(0)
-    train_docs = _training_text(rng, 3000)
-    tok = train_bpe(train_docs, vocab_size=400, special_tokens=[EOS])
+    train_docs = _training_text(rng, 2000)
+    tok = train_bpe(train_docs, vocab_size=300, special_tokens=[EOS])
     eos = tok.token_to_id(EOS)
-    stream = np.concatenate([tok.encode(d).ids + [eos] for d in train_docs]).astype(np.int64)
+    encoded = [tok.encode(d).ids + [eos] for d in train_docs]
+    stream = np.concatenate(encoded).astype(np.int64)
+    # every window starts at a document, so each step sees whole "fact, blank line, fact" drills in 32 tokens
+    starts_at = np.cumsum([0] + [len(e) for e in encoded[:-1]])
+    starts_at = starts_at[starts_at < len(stream) - 33]
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only wait on each other on a busy machine
     request.addfinalizer(lambda: torch.set_num_threads(threads))
-    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, d_model=64, max_seq_len=64,
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, d_model=48, max_seq_len=48,
                             pos_encoding="rope"))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
     gen = np.random.default_rng(0)
-    for _ in range(600):
-        starts = gen.integers(0, len(stream) - 65, size=16)
-        batch = torch.from_numpy(np.stack([stream[s:s + 65] for s in starts]))
+    for _ in range(STEPS):
+        starts = gen.choice(starts_at, size=16)
+        batch = torch.from_numpy(np.stack([stream[s:s + 33] for s in starts]))
         logits = model(batch[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         opt.zero_grad()
@@ -209,3 +263,46 @@ def test_a_tiny_model_answers_facts_absent_from_its_training_text_only_with_retr
     rows, metrics = facts_check(model, tok, Retriever.build(table, "bm25"), questions, 1, eos_token=EOS)
     assert metrics["rag/facts_em"] >= 0.5 > metrics["rag/facts_em_base"] + 0.3
     assert all(json.loads(r["sources"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_editing_a_fact_reruns_only_index_and_decode_and_the_samples_cite_the_edited_passage(
+        ray_local, corpus_dir, tmp_path, tracking_uri, capsys):
+    """The seeds' claim through `llmpipe run`: a committed tokenizer and model (a tiny random one, committed as the
+    train stage would: nothing here trains), a knowledge file; edit its fact and only index and decode are stale."""
+    import yaml
+
+    from tests.conftest import tiny_raw
+
+    knowledge = _facts(tmp_path / "k")
+    root = tmp_path / "store"
+    raw = tiny_raw(corpus_dir, root, index={"inputs": [str(knowledge)], "passage_tokens": 64},
+                   decode={"prompts": ["the lamp room is painted"], "retrieve": 1, "num_samples": 1,
+                           "max_new_tokens": 2}, tracking={"enabled": False})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    store = ArtifactStore(str(root))
+    fps = _fps(cli.load_config(str(cfg), []))
+    model_dir = make_model_dir(store.working_dir("train", fps["train"], keep_partial=False), "rope")
+    store.commit("train", fps["train"], model_dir, {"stage": "train", "upstream": {"tokenizer": fps["tokenizer"]}})
+    tok_dir = store.working_dir("tokenizer", fps["tokenizer"], keep_partial=False)
+    (tok_dir / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    store.commit("tokenizer", fps["tokenizer"], tok_dir, {"stage": "tokenizer", "upstream": {}})
+
+    def cited_text() -> str:
+        assert cli.main(["run", str(cfg), "--only", "index"]) == 0
+        assert cli.main(["run", str(cfg), "--only", "decode"]) == 0
+        now = _fps(cli.load_config(str(cfg), []))
+        (sample,) = [json.loads(x) for x in (store.local_dir("decode", now["decode"]) / "samples.jsonl").open()]
+        (src,) = sample["sources"]
+        index = Retriever.load(store.local_dir("index", now["index"]))
+        return index.passages.column("text").to_pylist()[src["passage_id"]]
+
+    assert "vermilion" in cited_text()
+    _facts(tmp_path / "k", "teal")
+    capsys.readouterr()
+    assert cli.main(["status", str(cfg)]) == 0
+    state = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert all("cached" in state[n] for n in ("tokenizer", "train")) and all(
+        "cached" not in state[n] for n in ("index", "decode")), state
+    assert "teal" in cited_text()

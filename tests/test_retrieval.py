@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model import GPT, ModelConfig
-from model.retrieval import Retriever, embed
+from model.retrieval import Retriever, embed, words
 from tests.conftest import WORDS
 from tokenization.bpe import train_bpe
 from tokenization.documents import DocOptions, doc_hash, documents
@@ -122,8 +122,11 @@ def test_exclude_never_returns_the_query_document_even_when_it_ranks_first(passa
         query = FACT
         assert r.search([query], 1)[0][0].doc_hash == fact_doc, kind  # unguarded, its own document comes first
         hits = r.search([query, query], k, exclude=[fact_doc, None])
-        assert len(hits[0]) == k and all(h.doc_hash != fact_doc for h in hits[0]), kind
-        assert len({h.passage_id for h in hits[0]}) == k
+        # BM25 returns only passages sharing a word with the query; the guard costs none of those either
+        want = k if kind != "bm25" else sum(bool(set(words(t)) & set(words(query))) and h != fact_doc for t, h in
+                                            zip(passages.column("text").to_pylist(), passages.column("doc_hash").to_pylist()))
+        assert len(hits[0]) == want and all(h.doc_hash != fact_doc for h in hits[0]), kind
+        assert len({h.passage_id for h in hits[0]}) == want
         assert hits[1][0].doc_hash == fact_doc
 
 
@@ -172,3 +175,12 @@ def test_top_k_is_exact_and_breaks_ties_by_lower_index():
         k = int(rng.integers(1, n + 1))
         want = sorted((i for i in range(n) if np.isfinite(scores[i])), key=lambda i: (-scores[i], i))[:k]
         assert _top(scores, k).tolist() == want
+
+
+def test_bm25_never_returns_a_passage_that_shares_no_word_with_the_query(passages, tiny_model, tok):
+    r = Retriever.build(passages, "bm25")
+    assert r.search(["zzz qqq"], 3) == [[]]  # nothing in common: nothing to prepend, however large k
+    hits = r.search(["Oswin Marrable"], len(passages))[0]
+    assert [h.file for h in hits] == ["notes_3.txt"] and hits[0].score > 0  # the one passage naming him, alone
+    fused = Retriever.build(passages, "hybrid", model=tiny_model, tokenizer=tok).search(["zzz qqq"], 3)[0]
+    assert len(fused) == 3  # hybrid still has its dense list; BM25's zero scores add nothing to the fusion
