@@ -260,8 +260,12 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 def _bm25_index(texts: list[str]) -> Any:
     import bm25s
 
+    # Our own vocabulary, in sorted order: bm25s numbers the words of a list-of-words corpus in set order, which
+    # changes with each process's string hashing, so the saved index would differ from run to run.
+    docs = [words(t) for t in texts]
+    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
     index = bm25s.BM25()
-    index.index([words(t) for t in texts], show_progress=False)
+    index.index(([[vocab[w] for w in d] for d in docs], vocab), show_progress=False)
     return index
 
 

@@ -184,3 +184,21 @@ def test_bm25_never_returns_a_passage_that_shares_no_word_with_the_query(passage
     assert [h.file for h in hits] == ["notes_3.txt"] and hits[0].score > 0  # the one passage naming him, alone
     fused = Retriever.build(passages, "hybrid", model=tiny_model, tokenizer=tok).search(["zzz qqq"], 3)[0]
     assert len(fused) == 3  # hybrid still has its dense list; BM25's zero scores add nothing to the fusion
+
+
+def test_a_saved_bm25_index_is_the_same_bytes_whatever_the_process_string_hashing():
+    """The index stage's output must be a function of its inputs: bm25s numbers a corpus's words in set order,
+    which follows PYTHONHASHSEED, so the vocabulary is ours, sorted."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, pathlib, sys, tempfile\n"
+            "from model.retrieval import _bm25_index\n"
+            "d = tempfile.mkdtemp()\n"
+            "_bm25_index(['the king is dead', 'long live the queen', 'a fool thinks he is wise']).save("
+            "d, allow_pickle=False, show_progress=False)\n"
+            "print(hashlib.sha256(b''.join(p.read_bytes() for p in sorted(pathlib.Path(d).iterdir()))).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout.split()[-1] for seed in ("1", "2")}
+    assert len(digests) == 1
