@@ -28,4 +28,4 @@ demo: install
 	$(VENV)/bin/llmpipe run configs/demo.yaml
 
 test: install-test
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=30
