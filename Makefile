@@ -28,6 +28,4 @@ demo: install
 	$(VENV)/bin/llmpipe run configs/demo.yaml
 
 test: install-test
-	# 4 test processes on 2 cores on purpose: the suite mostly waits on real services (Ray, MLflow, S3,
-	# DeepSpeed start-up), about a quarter of its wall time is CPU; files stay whole per process (loadfile)
-	$(VENV)/bin/pytest -q -n 4 --dist loadfile --durations=30
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=30
