@@ -106,8 +106,8 @@ def decoding_rows(args: argparse.Namespace) -> list[list[str]]:
         return [["decode", "transformers is not installed: no comparison", "", ""]]
     import torch
 
-    from bench.decode import ours, theirs
     from bench._measure import interleaved_medians, seconds
+    from bench.decode import ours, theirs
     from model import GPT, ModelConfig, export_hf
 
     torch.manual_seed(0)

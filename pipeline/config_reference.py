@@ -150,7 +150,8 @@ def section_type(annotation: Any) -> Any:
 
 def reference() -> str:
     """The Markdown reference: top-level keys, then one table per section."""
-    from pipeline.schema import Config, changes_output
+    from pipeline.fingerprints import changes_output
+    from pipeline.schema import Config
 
     lines = ["| key | default | description |", "|---|---|---|"]
     for name, doc in field_docs(Config).items():

@@ -18,7 +18,7 @@ into a single `ConfigError` line naming the file and the dotted key path.
 Fields whose metadata says `fingerprint: False` (worker counts, logging
 intervals, batch sizes that do not change a result) and the whole `resources`
 section do not change a stage's output and are left out of its fingerprint:
-scaling a run out must not invalidate its data. See `fingerprint_view`.
+scaling a run out must not invalidate its data. See `pipeline.fingerprints`.
 """
 
 from __future__ import annotations
@@ -353,54 +353,3 @@ class Config(_Section):
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
-
-
-
-
-def changes_output(section_type: type) -> dict[str, bool]:
-    """name -> whether the field can change a stage's output, for a pydantic section or a dataclass section."""
-    if dataclasses.is_dataclass(section_type):
-        return {f.name: f.metadata.get("fingerprint", True) for f in dataclasses.fields(section_type)}
-    extras = {name: f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
-              for name, f in section_type.model_fields.items()}
-    return {name: extra.get("fingerprint", True) for name, extra in extras.items()}
-
-
-def fingerprint_view(section: Any) -> dict[str, Any]:
-    """The fields of a section that change the output (fingerprint=False ones dropped)."""
-    out: dict[str, Any] = {}
-    for name, changes in changes_output(type(section)).items():
-        if changes:
-            value = getattr(section, name)
-            is_section = isinstance(value, BaseModel) or dataclasses.is_dataclass(value)
-            out[name] = fingerprint_view(value) if is_section else _plain(value)
-    return out
-
-
-def as_dict(section: Any) -> dict[str, Any]:
-    """A section as plain JSON data (MLflow params, the worker's config)."""
-    if isinstance(section, BaseModel):
-        return section.model_dump(mode="json")
-    return _plain(dataclasses.asdict(section))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: for MLflow params and 'which keys changed'."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -14,7 +14,7 @@ from pipeline.engine.plan import plan
 from pipeline.engine.stage import Stage, fingerprint
 from pipeline.engine.store import MARKER, ArtifactStore
 from pipeline.errors import WorkflowError
-from pipeline.schema import fingerprint_view
+from pipeline.fingerprints import fingerprint_view
 from pipeline.stages import STAGES
 
 

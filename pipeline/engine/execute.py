@@ -31,7 +31,8 @@ from pipeline.engine.plan import PlanItem
 from pipeline.engine.stage import Stage, StageContext, Upstream
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import WorkflowError
-from pipeline.schema import Config, flatten
+from pipeline.fingerprints import flatten
+from pipeline.schema import Config
 from pipeline.terminal import Output
 from pipeline.tracking.mlflow import NullTracker, Tracker, git_commit, tracking_uri
 

@@ -18,7 +18,8 @@ from pipeline.engine import run_pointer
 from pipeline.engine.stage import Stage, fingerprint
 from pipeline.engine.store import ArtifactStore
 from pipeline.errors import WorkflowError
-from pipeline.schema import Config, flatten
+from pipeline.fingerprints import flatten
+from pipeline.schema import Config
 
 
 @dataclass

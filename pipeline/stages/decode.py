@@ -29,6 +29,7 @@ from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
+from pipeline.fingerprints import as_dict, fingerprint_view
 from pipeline.rag import (
     check_k,
     complete_with_retrieval,
@@ -36,7 +37,7 @@ from pipeline.rag import (
     open_retriever,
     read_questions,
 )
-from pipeline.schema import Config, DecodeConfig, as_dict, fingerprint_view
+from pipeline.schema import Config, DecodeConfig
 
 
 def read_prompts(d: DecodeConfig) -> list[str]:

@@ -27,9 +27,10 @@ from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
+from pipeline.fingerprints import as_dict, fingerprint_view
 from pipeline.plots import line_chart
 from pipeline.rag import check_k
-from pipeline.schema import Config, as_dict, fingerprint_view
+from pipeline.schema import Config
 from tokenization.inputs import InputError
 from tokenization.shards import shard_paths
 

@@ -26,9 +26,9 @@ import numpy as np
 from pipeline import ray_tasks as tasks
 from pipeline.cluster.resources import cluster_gpus, task_options
 from pipeline.engine.stage import Stage, StageContext
+from pipeline.fingerprints import as_dict, fingerprint_view, task_view
 from pipeline.ray_tasks import DENSE_KINDS
-from pipeline.schema import Config, IndexConfig, as_dict, fingerprint_view
-from pipeline.stages.prepare import task_view
+from pipeline.schema import Config, IndexConfig
 from tokenization.inputs import (
     InputError,
     InputFile,

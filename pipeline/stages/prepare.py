@@ -35,7 +35,8 @@ from pipeline import faults
 from pipeline import ray_tasks as tasks
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
-from pipeline.schema import Config, as_dict, fingerprint_view
+from pipeline.fingerprints import as_dict, fingerprint_view, task_view
+from pipeline.schema import Config
 from pipeline.terminal import Progress
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
 from tokenization.corpus import plan_shards
@@ -47,16 +48,6 @@ from tokenization.inputs import (
     resolve_inputs,
 )
 from tokenization.taskdata import missing_markers
-
-TASK_KEYS = {"format": "text", "prompt_field": "prompt", "completion_field": "completion", "messages_field": "messages"}
-
-
-def task_view(data: dict[str, Any]) -> dict[str, Any]:
-    """`data`'s fingerprint without the task-format keys at their defaults: text data keeps the fingerprint it had
-    before task formats existed (a field name of another format does not change the output either)."""
-    fmt = data.get("format", "text")
-    used = {"text": (), "prompt_completion": ("prompt_field", "completion_field"), "chat": ("messages_field",)}[fmt]
-    return {k: v for k, v in data.items() if k not in TASK_KEYS or (k == "format" and fmt != "text") or k in used}
 
 
 def _check_template(cfg: Config, tok_path: str) -> None:

@@ -27,7 +27,8 @@ from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
-from pipeline.schema import Config, TaskSpec, as_dict
+from pipeline.fingerprints import as_dict
+from pipeline.schema import Config, TaskSpec
 from tokenization.inputs import InputError
 
 METRICS = ("acc", "chance", "acc_stderr", "acc_norm", "acc_norm_stderr", "ppl", "n")  # the order metrics are shown in

@@ -22,8 +22,8 @@ from pipeline import ray_tasks as tasks
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import ConfigError
-from pipeline.schema import Config, fingerprint_view
-from pipeline.stages.prepare import TASK_KEYS, task_view
+from pipeline.fingerprints import TASK_KEYS, fingerprint_view, task_view
+from pipeline.schema import Config
 from tokenization.bpe import load_tokenizer, tokenizer_hash
 from tokenization.inputs import input_identity, resolve_inputs
 from tokenization.taskdata import CHAT_MARKERS

@@ -35,7 +35,8 @@ from pipeline import faults
 from pipeline.cluster.resources import train_scaling
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import ConfigError, TrainingError, UserError, user_cause
-from pipeline.schema import Config, as_dict, fingerprint_view
+from pipeline.fingerprints import as_dict, fingerprint_view
+from pipeline.schema import Config
 from pipeline.stages.train.checkpoints import check_resume_layout, verify_checkpoint
 from pipeline.stages.train.hardware import TrainHardware, resolve_hardware
 from pipeline.stages.train.init_from import (
