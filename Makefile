@@ -28,4 +28,4 @@ demo: install
 	$(VENV)/bin/llmpipe run configs/demo.yaml
 
 test: install-test
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=30
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30

@@ -64,6 +64,7 @@ def _run_arguments(r: argparse.ArgumentParser) -> None:
     g = r.add_mutually_exclusive_group()
     g.add_argument("--only", metavar="STAGE", help="run this stage alone against cached upstreams")
     g.add_argument("--from", dest="from_stage", metavar="STAGE", help="force this stage and everything downstream")
+    r.add_argument("--to", metavar="STAGE", help="stop after this stage: run only it and the stages it needs")
     r.add_argument("--force", metavar="STAGE", action="append", default=[], help="force this stage (repeatable)")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     r.add_argument("-v", "--verbose", action="store_true",
@@ -185,6 +186,7 @@ def _jobs(args: argparse.Namespace) -> int:
         print(jobs.logs(args.job, address=args.address), end="")
         return 0
     run_args = [*(["--only", args.only] if args.only else []), *(["--from", args.from_stage] if args.from_stage else []),
+                *(["--to", args.to] if args.to else []),
                 *[a for f in args.force for a in ("--force", f)], *(["--dry-run"] if args.dry_run else []),
                 *(["--verbose"] if args.verbose else [])]
     job = jobs.submit(args.config, args.overrides, run_args, address=args.address, working_dir=args.working_dir,
@@ -211,7 +213,7 @@ def _workflow(args: argparse.Namespace) -> int:
         for line in _where(cfg, store):
             print(line)
         return 0
-    items = plan(cfg, store, STAGES, only=args.only, from_stage=args.from_stage, force=args.force)
+    items = plan(cfg, store, STAGES, only=args.only, from_stage=args.from_stage, force=args.force, to=args.to)
     # Library output (Ray, DeepSpeed, MLflow) goes to a log file per stage, unless -v asks for it here.
     quiet = not (args.verbose or args.dry_run)
     log_dir = log_folders(store.base if store.is_local else store.uri, is_local=store.is_local) if quiet else None

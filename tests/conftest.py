@@ -16,6 +16,27 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
 
 
+# Ray Train's controller notices a finished or failed worker group at its next health check (every 2 s by default)
+# and watches for cloud preemption notices in an actor of its own; the suite's many short runs wait less without both.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+# The longest modules start first (`make test` runs whole modules per process, `--dist loadfile`, in this order), so
+# that the quick ones fill in at the end instead of one long module running alone; the rest: slow before quick.
+LONGEST_FIRST = ("tests/test_cluster.py", "tests/reliability/test_driver_kill.py",
+                 "tests/reliability/test_tracking_outage.py", "tests/test_training.py",
+                 "tests/reliability/test_security.py", "tests/test_run_output.py", "tests/test_pipeline_e2e.py",
+                 "tests/test_evaluate.py", "tests/test_context_extension.py", "tests/test_golden.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    slow = {module[item] for item in items if item.get_closest_marker("slow")}
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {item: i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (first.get(module[item], len(first)), module[item] not in slow, order[item]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _own_hash_memo(tmp_path_factory: pytest.TempPathFactory):
     """Input files' content hashes are remembered per user (tokenization.content_hash); the tests keep their own."""

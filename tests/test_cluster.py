@@ -9,10 +9,12 @@ tmpfs over the store folder (`unshare`), which is what a node without the shared
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import json
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -40,10 +42,14 @@ def _node_env() -> dict[str, str]:
 class LocalCluster:
     """A head and worker nodes as `ray start --block` process groups on 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs  # each node's `ray start` output, quoted when a node fails to come up
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self._new_addresses()
+
+    def _new_addresses(self) -> None:
         self.gcs = f"127.0.0.1:{free_port()}"
         self.dashboard = f"http://127.0.0.1:{free_port()}"
-        self.nodes: dict[str, subprocess.Popen] = {}
 
     def _start(self, name: str, args: list[str], hide: Path | None = None) -> None:
         # Every node on this host needs its own agent ports: the defaults (e.g. 52365) may be taken by another
@@ -54,15 +60,26 @@ class LocalCluster:
         if hide is not None:  # this node's processes see an empty tmpfs where the store is
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    f"mount -t tmpfs tmpfs {shlex.quote(str(hide))} && exec {shlex.join(cmd)}"]
-        self.nodes[name] = subprocess.Popen(cmd, env=_node_env(), start_new_session=True,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.nodes[name] = subprocess.Popen(cmd, env=_node_env(), start_new_session=True,
+                                                stdout=log, stderr=subprocess.STDOUT)
 
-    def start_head(self) -> None:
-        port = self.dashboard.rsplit(":", 1)[1]
-        self._start("head", ["--head", f"--port={self.gcs.rsplit(':', 1)[1]}", "--num-cpus=2", "--resources={\"head\": 1}",
-                             f"--ray-client-server-port={free_port()}",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}"])
-        self.wait_alive(1)
+    def start_head(self, attempts: int = 3) -> None:
+        """Start the head; a port picked free can be taken by another process before Ray binds it (other tests
+        start Rays and servers meanwhile), so a head that dies or never shows up is started again on new ports."""
+        for attempt in range(1, attempts + 1):
+            port = self.dashboard.rsplit(":", 1)[1]
+            self._start("head", ["--head", f"--port={self.gcs.rsplit(':', 1)[1]}", "--num-cpus=2",
+                                 "--resources={\"head\": 1}", f"--ray-client-server-port={free_port()}",
+                                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}"])
+            try:
+                self.wait_alive(1)
+                return
+            except AssertionError:
+                self.kill("head")
+                if attempt == attempts:
+                    raise
+                self._new_addresses()
 
     def add_node(self, name: str, *, num_cpus: int = 2, hide: Path | None = None) -> None:
         args = [f"--address={self.gcs}", f"--num-cpus={num_cpus}", f"--resources={{\"{name}\": 1}}"]
@@ -86,18 +103,29 @@ class LocalCluster:
     def wait_alive(self, count: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
+            dead = [name for name, proc in self.nodes.items() if proc.poll() is not None]
+            if dead:
+                raise AssertionError(f"node {dead[0]} exited with {self.nodes[dead[0]].returncode}:\n{self.log_tail(dead[0])}")
             try:
                 if self.alive() == count:
                     return
             except Exception:  # noqa: BLE001 - the dashboard is still starting
                 pass
             time.sleep(1)
-        raise AssertionError(f"the cluster did not reach {count} alive nodes")
+        tails = "\n".join(f"--- {name}:\n{self.log_tail(name)}" for name in self.nodes)
+        raise AssertionError(f"the cluster did not reach {count} alive nodes in {timeout:.0f}s\n{tails}")
+
+    def log_tail(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else "(no output)"
 
     def kill(self, name: str) -> None:
         """SIGKILL a node's whole process group: raylet, object store, workers, as if the machine vanished."""
         proc = self.nodes.pop(name)
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had exited by itself
+            pass
         proc.wait()
 
     def shutdown(self) -> None:
@@ -108,18 +136,46 @@ class LocalCluster:
                 pass
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from pipeline.cluster.runtime import keep_ray_token_auth
+@contextlib.contextmanager
+def _cluster_token():
+    """The nodes, the pipeline runs and this client share one token, as a real cluster's machines do.
 
-    keep_ray_token_auth()  # the nodes and this client agree on Ray's token auth, as in a real cluster
-    c = LocalCluster()
+    Left to Ray, each process decides by whether `~/.ray/auth_token` exists when it starts, and on a fresh machine
+    another test's local Ray creates that file at any moment: a head started before it and a client after (or the
+    reverse) do not agree, and the client's every state query is refused."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+
+    def reload() -> None:  # this process caches Ray's config and its token
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    reload()
     try:
-        c.start_head()
-        c.add_node("node2")
-        yield c
+        yield
     finally:
-        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reload()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with _cluster_token():
+        c = LocalCluster(tmp_path_factory.mktemp("ray-nodes"))
+        try:
+            c.start_head()
+            c.add_node("node2")
+            yield c
+        finally:
+            c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,7 @@ def test_alibi_scores_every_length_and_learned_refuses_past_its_table(corpus_dir
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands in the temp folder
 
     raw = tiny_raw(corpus_dir, tmp_path / "artifacts", evaluate={"context_multipliers": [0.5, 1.0, 2.0, 4.0]},
-                   train={"steps": 4, "checkpoint_every": 4}, decode={"num_samples": 1})
+                   train={"steps": 4, "checkpoint_every": 4, "num_workers": 1}, decode={"num_samples": 1})
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     parents = []

@@ -129,6 +129,24 @@ def test_from_forces_the_stage_and_everything_downstream(tiny_config):
     assert calls == ["prepare"]
 
 
+def test_to_runs_a_stage_and_what_it_needs_and_nothing_downstream(tiny_config):
+    calls: list[str] = []
+    stages = fake_stages(calls)
+    cfg = tiny_config()
+    items = run_all(cfg, stages, to="train")
+    assert calls == ["tokenizer", "prepare", "train"] and [it.stage.name for it in items] == calls
+    calls.clear()
+    run_all(cfg, stages, to="decode")  # decode needs the tokenizer and train, both cached: evaluate is left out
+    assert calls == ["decode"]
+    calls.clear()
+    run_all(cfg, stages, to="evaluate", from_stage="train")  # forced from train, but not past evaluate
+    assert calls == ["train", "evaluate"]
+    with pytest.raises(WorkflowError, match="--force decode: not run with --to train, which needs only tokenizer, prepare, train"):
+        plan(cfg, ArtifactStore(cfg.store.root), stages, to="train", force=["decode"])
+    with pytest.raises(WorkflowError, match="--to trian: unknown stage"):
+        plan(cfg, ArtifactStore(cfg.store.root), stages, to="trian")
+
+
 def test_an_optional_stage_joins_the_graph_only_when_configured_and_only_its_readers_depend_on_it(tiny_config):
     import dataclasses
 

@@ -4,7 +4,8 @@
 experiment committed the stage before, under another fingerprint: the reason
 lists the config keys that changed) or `missing`, then selects what runs:
 everything not cached by default; `--only S` runs S alone against cached
-upstreams; `--from S` forces S and everything downstream; `--force S` forces S.
+upstreams; `--from S` forces S and everything downstream; `--force S` forces S;
+`--to S` leaves out every stage S does not need (e.g. train without evaluating).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def _downstream(stages: list[Stage], cfg: Config, root: str) -> set[str]:
     return out
 
 
+def _upstream_of(stages: list[Stage], cfg: Config, target: str) -> set[str]:
+    out = {target}
+    for s in reversed(stages):  # stages are in topological order
+        if s.name in out:
+            out.update(s.needs_for(cfg))
+    return out
+
+
 def graph(cfg: Config, stages: list[Stage]) -> list[Stage]:
     """The stages this config runs (optional ones only when configured), each upstream checked to be one of them."""
     active = [s for s in stages if s.is_enabled(cfg)]
@@ -80,15 +89,24 @@ def plan(
     only: str | None = None,
     from_stage: str | None = None,
     force: Iterable[str] = (),
+    to: str | None = None,
 ) -> list[PlanItem]:
     active = graph(cfg, stages)
     names, active_names = [s.name for s in stages], [s.name for s in active]
     force = set(force)
-    for flag, value in (("--only", only), ("--from", from_stage), *(("--force", f) for f in force)):
+    for flag, value in (("--only", only), ("--from", from_stage), ("--to", to), *(("--force", f) for f in force)):
         if value is not None and value not in names:
             raise WorkflowError(f"{flag} {value}: unknown stage (stages: {', '.join(names)})")
         if value is not None and value not in active_names:
             raise WorkflowError(f"{flag} {value}: this config does not configure that stage (add a `{value}:` section)")
+    if to is not None:
+        if only is not None:
+            raise WorkflowError("--to and --only: give one of them")
+        wanted = _upstream_of(active, cfg, to)
+        for flag, value in (("--from", from_stage), *(("--force", f) for f in force)):
+            if value is not None and value not in wanted:
+                raise WorkflowError(f"{flag} {value}: not run with --to {to}, which needs only {', '.join(n for n in active_names if n in wanted)}")
+        active = [s for s in active if s.name in wanted]
     stages = active
     last = run_pointer.last_fingerprints(store, cfg.experiment_name)
     items: dict[str, PlanItem] = {}

@@ -33,7 +33,8 @@ TRAIN = {"steps": 12, "checkpoint_every": 3, "log_every": 3, "log_model": False}
 
 
 def _config(tmp: Path, corpus: Path, name: str) -> Path:
-    raw = tiny_raw(corpus, tmp / f"store-{name}", train=TRAIN, tracking={"enabled": False})  # not about tracking
+    raw = tiny_raw(corpus, tmp / f"store-{name}", train=TRAIN, tracking={"enabled": False},  # not about tracking
+                   evaluate={"context_multipliers": [1.0]}, decode={"num_samples": 1})
     raw["name"] = name
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -225,7 +225,7 @@ def test_a_tampered_newest_checkpoint_is_refused_on_resume_and_its_pickle_never_
     marker = tmp_path / "pwned"
     planted = _plant(newest / "deepspeed" / "mp_rank_00_model_states.pt", marker)
 
-    assert cli.main(["run", cfg]) == 0  # train resumes, then evaluate and decode
+    assert cli.main(["run", cfg, "--to", "train"]) == 0  # train resumes (--only would start it afresh)
     assert not marker.exists()
     assert (train_dir / "_COMPLETE.json").is_file() and verify_checkpoint(newest)
     assert (newest / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes() != planted  # rewritten by training
