@@ -81,10 +81,20 @@ class LocalCluster:
                     raise
                 self._new_addresses()
 
-    def add_node(self, name: str, *, num_cpus: int = 2, hide: Path | None = None) -> None:
+    def add_node(self, name: str, *, num_cpus: int = 2, hide: Path | None = None, attempts: int = 3) -> None:
+        """Start a worker node; on a loaded machine a raylet can time out registering with the GCS (`ray start`
+        then exits), so a node that dies or never shows up is started again."""
         args = [f"--address={self.gcs}", f"--num-cpus={num_cpus}", f"--resources={{\"{name}\": 1}}"]
-        self._start(name, args, hide)
-        self.wait_alive(len([n for n in self.nodes if n != "dead"]))
+        for attempt in range(1, attempts + 1):
+            self._start(name, args, hide)
+            try:
+                self.wait_alive(len(self.nodes))
+                return
+            except AssertionError:
+                self.kill(name)
+                if attempt == attempts:
+                    raise
+                self.wait_alive(len(self.nodes))  # the failed one gone: the others still alive
 
     def nodes_state(self) -> list[dict]:
         from ray.util.state import list_nodes
