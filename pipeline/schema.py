@@ -72,15 +72,13 @@ class DataSource:
     """Its share of the training samples (weights are normalised to sum to 1). Changing it retrains; it never re-tokenises (prepare's fingerprint leaves weights out)."""
 
     def __post_init__(self) -> None:
-        if not _SOURCE_NAME.fullmatch(self.name):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
             raise ValueError(f"DataSource.name: {self.name!r} must be letters, digits, '_' or '-' (it names metrics)")
         if not self.inputs:
             raise ValueError(f"DataSource.inputs: source {self.name!r} needs at least one file, folder or glob")
         if not self.weight > 0:
             raise ValueError(f"DataSource.weight: source {self.name!r} needs a weight > 0, got {self.weight}")
 
-
-_SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, kw_only=True)
