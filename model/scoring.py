@@ -168,6 +168,22 @@ def _score_length(model: torch.nn.Module, buffers: list[np.ndarray], L: int, *, 
                          doc_starts=doc_starts, masks=masks)
 
 
+def part_metrics(model: torch.nn.Module, parts: dict[str, list[np.ndarray]], *, train_seq_len: int, opts: EvalOptions,
+                 byte_lengths: np.ndarray, doc_starts: dict[str, list[np.ndarray]] | None = None,
+                 masks: dict[str, list[np.ndarray]] | None = None) -> dict[str, float]:
+    """`val_loss_<part>`, `val_ppl_<part>`, `val_bpb_<part>` at the training context for each named part of the
+    validation data (the sources of a data mixture), scored as the whole is; a part too short for one window of
+    the training context is left out."""
+    out: dict[str, float] = {}
+    for name, buffers in parts.items():
+        r = _score_length(model, buffers, max(2, train_seq_len), train_seq_len=train_seq_len, opts=opts,
+                          byte_lengths=byte_lengths, doc_starts=doc_starts[name] if doc_starts else None,
+                          masks=masks[name] if masks else None)
+        if r is not None:
+            out.update({f"val_loss_{name}": r["loss"], f"val_ppl_{name}": r["ppl"], f"val_bpb_{name}": r["bpb"]})
+    return out
+
+
 def sweep(model: torch.nn.Module, val_buffers: list[np.ndarray], *, train_seq_len: int, opts: EvalOptions,
           byte_lengths: np.ndarray, unigram_logp: np.ndarray, doc_starts: list[np.ndarray] | None = None,
           masks: list[np.ndarray] | None = None) -> dict[str, Any]:

@@ -72,21 +72,33 @@ def _format_error(source: str, err: ValidationError) -> str:
     return f"{source}: {loc}: {msg}{more}" if loc else f"{source}: {msg}{more}"
 
 
+def _item(items: list, index: str, override: str) -> Any:
+    if not index.isdigit() or int(index) >= len(items):
+        raise ConfigError(f"override {override!r}: {index} is not an item of that list (it has {len(items)})")
+    return items[int(index)]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` assignments (values parsed as YAML) to a raw mapping."""
+    """Apply `a.b.c=value` assignments (values parsed as YAML) to a raw mapping; a number after a list's key picks
+    one of its items (`data.sources.0.weight=2`)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
-        node = raw
+        node: Any = raw
         parts = key.split(".")
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
+        for i, p in enumerate(parts[:-1]):
+            child = _item(node, p, item) if isinstance(node, list) else node.setdefault(p, {})
+            if not isinstance(child, (dict, list)) or (isinstance(child, list) and not parts[i + 1].isdigit()):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
             node = child
         try:
-            node[parts[-1]] = _yaml(value) if value != "" else ""
+            parsed = _yaml(value) if value != "" else ""
+            if isinstance(node, list):
+                _item(node, parts[-1], item)  # an existing item: a list is not grown by an override
+                node[int(parts[-1])] = parsed
+            else:
+                node[parts[-1]] = parsed
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({_problem(e)})") from None
         except ValueError as e:

@@ -108,18 +108,18 @@ def sections() -> list[tuple[str, type, list[str]]]:
 
     def walk(prefix: str, model: type) -> None:
         seen: set[type] = set()
-        for name, field in model.model_fields.items():
-            kind, suffix = _section_of(field.annotation)
+        types = _field_types(model)
+        for name, annotation in types.items():
+            kind, suffix = _section_of(annotation)
             if kind is None:
                 continue
-            siblings = [n for n, f in model.model_fields.items() if section_type(f.annotation) is kind]
+            siblings = [n for n, a in types.items() if section_type(a) is kind]
             if len(siblings) > 1 and kind in seen:
                 continue
             seen.add(kind)
             key = prefix + ("<stage>" if len(siblings) > 1 else name) + suffix
             out.append((key, kind, siblings if len(siblings) > 1 else []))
-            if issubclass(kind, BaseModel):
-                walk(key + ".", kind)
+            walk(key + ".", kind)
 
     walk("", Config)
     return out
@@ -136,6 +136,13 @@ def _section_of(annotation: Any) -> tuple[type | None, str]:
     if len(args) == 1 and _is_section(args[0]) and type(None) in typing.get_args(annotation):
         return args[0], ""
     return None, ""
+
+
+def _field_types(section: type) -> dict[str, Any]:
+    """name -> annotation of a section's fields (a dataclass's string annotations resolved)."""
+    if dataclasses.is_dataclass(section):
+        return typing.get_type_hints(section)
+    return {name: f.annotation for name, f in section.model_fields.items()}
 
 
 def _is_section(kind: Any) -> bool:

@@ -73,3 +73,16 @@ def task_view(data: dict[str, Any]) -> dict[str, Any]:
     used = {"text": (), "prompt_completion": ("prompt_field", "completion_field"), "chat": ("messages_field",)}[fmt]
     return {k: v for k, v in data.items() if k not in TASK_KEYS or (k == "format" and fmt != "text") or k in used}
 
+
+
+def data_view(data: Any) -> dict[str, Any]:
+    """The `data` section as prepare's fingerprint sees it (inputs still as given): one corpus keeps the fingerprint
+    it had before mixtures existed; a mixture lists its sources by name and inputs, without their weights, which
+    change what training draws, never the shards."""
+    view = task_view(fingerprint_view(data))
+    if not view.get("sources"):
+        view.pop("sources", None)
+        return view
+    view.pop("inputs", None)
+    view["sources"] = [{"name": s.name, "inputs": list(s.inputs)} for s in data.sources]
+    return view

@@ -56,6 +56,15 @@ def test_malformed_override(bad):
         apply_overrides({}, [bad])
 
 
+def test_an_override_picks_a_list_item_by_number_and_never_grows_the_list():
+    raw = {"data": {"sources": [{"name": "a", "weight": 1.0}, {"name": "b", "weight": 1.0}]}}
+    assert apply_overrides(raw, ["data.sources.1.weight=3"])["data"]["sources"][1] == {"name": "b", "weight": 3}
+    with pytest.raises(ConfigError, match=r"'data.sources.2.weight=3': 2 is not an item of that list \(it has 2\)"):
+        apply_overrides(raw, ["data.sources.2.weight=3"])
+    with pytest.raises(ConfigError, match="sources is not a section"):
+        apply_overrides(raw, ["data.sources.name=c"])
+
+
 def test_batch_sizes_must_divide(tmp_path):
     raw = tiny_raw(tmp_path, tmp_path, train={"global_batch_size": 10, "micro_batch_size": 2, "num_workers": 2})
     with pytest.raises(ConfigError, match=r"global_batch_size \(10\) must be a multiple"):

@@ -152,10 +152,13 @@ def read_document_starts(path: str | Path) -> np.ndarray:
     return offsets - offsets[0]
 
 
-def shard_paths(upstream_dir: Path, manifest_file: str = "shards.json", split: str = "train") -> list[str]:
-    """Paths of one split's non-empty shards in a prepared folder, from its `shards.json`."""
+def shard_paths(upstream_dir: Path, manifest_file: str = "shards.json", split: str = "train",
+                source: str | None = None) -> list[str]:
+    """Paths of one split's non-empty shards in a prepared folder, from its `shards.json` (of one source of a
+    mixture when `source` is given)."""
     m = json.loads((upstream_dir / manifest_file).read_text())
-    return [str(upstream_dir / sh[split]["file"]) for sh in m["shards"] if sh[split]["tokens"] > 0]
+    return [str(upstream_dir / sh[split]["file"]) for sh in m["shards"]
+            if sh[split]["tokens"] > 0 and (source is None or sh.get("source") == source)]
 
 
 def read_documents(path: str | Path) -> list[np.ndarray]:

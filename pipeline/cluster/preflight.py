@@ -136,7 +136,8 @@ def check_inputs(cfg: Config, nodes: list[dict[str, Any]]) -> None:
     a node that sees other files than the driver."""
     if len(nodes) < 2:
         return
-    _check_specs("data.inputs", list(cfg.data.inputs), nodes)
+    for i, (name, specs) in enumerate(cfg.data.input_groups().items()):
+        _check_specs(f"data.sources.{i}.inputs" if name else "data.inputs", specs, nodes)
     if cfg.index is not None:
         _check_specs("index.inputs", list(cfg.index.inputs), nodes)
 

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from model.scoring import EvalOptions, NoWindowError, sweep, unigram_logprobs
+from model.scoring import (
+    EvalOptions,
+    NoWindowError,
+    part_metrics,
+    sweep,
+    unigram_logprobs,
+)
 from pipeline.artifacts import MODEL_FILES
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
@@ -52,10 +58,11 @@ def _extra_needs(cfg: Config) -> tuple[str, ...]:
 
 def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str], *, train_seq_len: int,
                    opts: EvalOptions, packing: str = "stream", index_dir: str | None = None,
-                   eos_token: str | None = None) -> dict[str, Any]:
+                   eos_token: str | None = None, sources: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content.
     packing: the model's `train.packing`; `documents` scores each window within its documents, as it trained.
-    With `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`)."""
+    With `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`).
+    sources: a data mixture's validation shards by source, each also scored alone (`val_loss_<source>`)."""
     from model import load_model
     from tokenization.bpe import load_tokenizer, token_byte_lengths
     from tokenization.shards import (
@@ -77,6 +84,13 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
     result = sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram,
                    doc_starts=doc_starts, masks=masks)
+    if sources:
+        index = {p: i for i, (p, _) in enumerate(kept)}
+        rows = {name: [index[p] for p in paths if p in index] for name, paths in sources.items()}
+        result["metrics"].update(part_metrics(
+            model, {name: [val[i] for i in ix] for name, ix in rows.items()}, train_seq_len=train_seq_len, opts=opts,
+            byte_lengths=byte_lengths, doc_starts={n: [doc_starts[i] for i in ix] for n, ix in rows.items()} if doc_starts else None,
+            masks={n: [masks[i] for i in ix] for n, ix in rows.items()} if masks else None))
     retrieve = getattr(opts, "retrieve", None)
     if retrieve is not None and index_dir is not None:
         from pipeline.rag import open_retriever, rag_evaluate
@@ -126,8 +140,10 @@ def _evaluate_task(train: StageRef, prepare: StageRef, index: StageRef | None = 
     """On the task's node: open the model, the prepared data and the index (when retrieving) there, then evaluate."""
     folder = prepare.local()
     try:
+        sources = {name: shard_paths(folder, split="val", source=name) for name in kw.pop("mixture", None) or ()}
         return evaluate_model(str(train.local(list(MODEL_FILES))), shard_paths(folder, split="val"),
-                              shard_paths(folder, split="train"), index_dir=str(index.local()) if index else None, **kw)
+                              shard_paths(folder, split="train"), index_dir=str(index.local()) if index else None,
+                              sources=sources or None, **kw)
     except NoWindowError as e:
         raise InputError(str(e)) from None
 
@@ -145,7 +161,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         ctx.progress.update(status=f"scoring with and without {cfg.evaluate.retrieve.k} retrieved passages too")
     result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, index.ref if index else None,
                                  train_seq_len=cfg.train_seq_len, opts=cfg.evaluate, packing=cfg.train.packing,
-                                 eos_token=cfg.tokenizer.eos_token))
+                                 eos_token=cfg.tokenizer.eos_token, mixture=list(cfg.data.mixture())))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:
         ctx.tracker.log_artifact(ctx.run_id, path)

@@ -16,6 +16,9 @@ name and renamed. Skipped records are counted by reason in `shards.json` and
 listed with file:line in `skipped.jsonl`; a length histogram goes to MLflow.
 Task data (`data.format` prompt_completion or chat, `tokenization.taskdata`)
 adds a `loss_mask` column to the shards; text shards are unchanged.
+A mixture (`data.sources`) is sharded source after source, so no shard mixes two; each shard names its
+source in `shards.json`, which also totals each source. Weights are not read here (nor fingerprinted): changing
+them retrains, never re-tokenises.
 Files of other types in an input folder are named in one warning line and
 counted (`ignored_files`). The inputs enter the fingerprint by stable name and
 content (`tokenization.inputs.input_identity`), not by path or mtime.
@@ -35,8 +38,8 @@ from pipeline import faults
 from pipeline import ray_tasks as tasks
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext
-from pipeline.fingerprints import as_dict, fingerprint_view, task_view
-from pipeline.schema import Config
+from pipeline.fingerprints import as_dict, data_view
+from pipeline.schema import Config, DataConfig
 from pipeline.terminal import Progress
 from tokenization.bpe import id_dtype, load_tokenizer, tokenizer_hash
 from tokenization.corpus import plan_shards
@@ -61,8 +64,11 @@ def _check_template(cfg: Config, tok_path: str) -> None:
 
 
 def _section(cfg: Config) -> dict[str, Any]:
-    data = task_view(fingerprint_view(cfg.data))
-    data["inputs"] = input_identity(resolve_inputs(cfg.data.inputs))
+    data = data_view(cfg.data)
+    if cfg.data.sources:
+        data["sources"] = [{"name": s.name, "inputs": input_identity(resolve_inputs(s.inputs))} for s in cfg.data.sources]
+    else:
+        data["inputs"] = input_identity(resolve_inputs(cfg.data.inputs))
     return {"data": data}
 
 
@@ -80,7 +86,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     _check_template(cfg, str(tok.file("tokenizer.json")))
     opts = cfg.data.doc_options()
     ignored: Counter = Counter()
-    shards = plan_shards(resolve_inputs(d.inputs, ignored), max(1, int(d.shard_size_mb * 2**20)))
+    shards, sources = _plan(d, ignored)
     if ignored:  # a folder's other files are not inputs; say which, so a format we do not read is not lost silently
         ctx.progress.note(f"warning: {describe_ignored(ignored)}")  # `[prepare] warning: ...` on the terminal
     groups = _shard_groups(len(shards), d.num_tasks)
@@ -102,7 +108,24 @@ def run(ctx: StageContext) -> dict[str, float]:
     results = _gather([task.remote(shards_ref, g, [drops[i] for i in g], kw, tok.ref, ctx.output, res.num_cpus)
                        for g in groups], groups, sizes, ctx.progress, "tokenized", t0)
     per_shard = [r for part in results for r in part]
+    if d.sources:  # which source each shard holds: training draws from each by its weight
+        per_shard = [{**sh, "source": name} for sh, name in zip(per_shard, sources)]
     return _finish(ctx, per_shard, str(tok.file("tokenizer.json")), sum(ignored.values()))
+
+
+def _plan(d: DataConfig, ignored: Counter) -> tuple[list, list[str]]:
+    """The shards and the source of each: a mixture's sources are sharded one after the other, so a shard never
+    mixes two of them (one corpus: the source "")."""
+    shards, sources = [], []
+    for i, (name, specs) in enumerate(d.input_groups().items()):
+        try:
+            files = resolve_inputs(specs, ignored)
+        except InputError as e:
+            raise (InputError(str(e).replace("data.inputs", f"data.sources.{i}.inputs ({name})", 1)) if name else e) from None
+        planned = plan_shards(files, max(1, int(d.shard_size_mb * 2**20)))
+        shards += planned
+        sources += [name] * len(planned)
+    return shards, sources
 
 
 def _gather(refs: list, groups: list[list[int]], sizes: list[int], progress: Progress, verb: str, t0: float) -> list:
@@ -135,7 +158,7 @@ def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str, i
             hist += np.asarray(sh.pop("length_histogram"))
             for rec in sh.pop("skipped_records"):
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    totals = {s: {k: sum(sh[s][k] for sh in per_shard) for k in ("docs", "tokens", "text_bytes")} for s in ("train", "val")}
+    totals = _totals(per_shard)
     n_docs = totals["train"]["docs"] + totals["val"]["docs"]
     if n_docs == 0:
         raise InputError(f"data.inputs: no documents left to train on (skipped {dict(skipped)}, filtered {dict(filtered)})")
@@ -143,10 +166,17 @@ def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str, i
         if totals[split]["tokens"] == 0:
             raise InputError(f"data: the {split} split is empty ({n_docs} documents, data.val_fraction={d.val_fraction}); "
                              "add documents or change data.val_fraction")
+    by_source = {name: _totals([sh for sh in per_shard if sh["source"] == name]) for name in d.mixture()}
+    for i, (name, t) in enumerate(by_source.items()):
+        if t["train"]["tokens"] == 0 or t["val"]["tokens"] == 0:
+            split = "train" if t["train"]["tokens"] == 0 else "val"
+            raise InputError(f"data.sources.{i} ({name}): its {split} split is empty ({t['train']['docs'] + t['val']['docs']} "
+                             "documents left); every source needs both (add documents or change data.val_fraction)")
     vocab = load_tokenizer(tok_path).get_vocab_size()
     manifest = {"dtype": str(id_dtype(vocab)), "tokenizer_sha256": tokenizer_hash(tok_path), "shards": per_shard,
                 "totals": totals, "skipped": dict(sorted(skipped.items())), "filtered": dict(sorted(filtered.items())),
-                "length_histogram": {"edges": LENGTH_EDGES.tolist(), "counts": hist.tolist()}}
+                "length_histogram": {"edges": LENGTH_EDGES.tolist(), "counts": hist.tolist()},
+                **({"sources": by_source} if by_source else {})}
     (ctx.out_dir / "shards.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _plot_lengths(ctx.out_dir / "doc_lengths.png", hist)
     for name in ("shards.json", "doc_lengths.png", "skipped.jsonl"):
@@ -157,9 +187,15 @@ def _finish(ctx: StageContext, per_shard: list[dict[str, Any]], tok_path: str, i
                "tokens_per_byte": all_tokens / max(1, all_bytes), "ignored_files": float(ignored)}
     for split in ("train", "val"):
         metrics.update({f"{split}_{k}": float(v) for k, v in totals[split].items()})
+    for name, t in by_source.items():
+        metrics.update({f"{name}_{split}_tokens": float(t[split]["tokens"]) for split in ("train", "val")})
     metrics.update({f"skipped_{k}": float(v) for k, v in skipped.items()})
     metrics.update({f"filtered_{k}": float(v) for k, v in filtered.items()})
     return metrics
+
+
+def _totals(per_shard: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    return {s: {k: sum(sh[s][k] for sh in per_shard) for k in ("docs", "tokens", "text_bytes")} for s in ("train", "val")}
 
 
 def _plot_lengths(path: Path, hist: np.ndarray) -> None:

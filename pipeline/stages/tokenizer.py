@@ -44,7 +44,7 @@ def _section(cfg: Config) -> dict[str, Any]:
     keys = ("text_field", "on_error", "replace_invalid_utf8", "normalize", "min_chars", "max_chars", *TASK_KEYS)
     return {"tokenizer": fingerprint_view(cfg.tokenizer),
             "documents": {k: data[k] for k in keys if k in data},  # task keys only for task data: text keeps its fingerprint
-            "inputs": input_identity(resolve_inputs(cfg.data.inputs))}
+            "inputs": input_identity(resolve_inputs(cfg.data.all_inputs()))}  # every source's
 
 
 def special_tokens(cfg: Config) -> list[str]:
@@ -66,7 +66,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         shutil.copyfile(src, ctx.out_dir / "tokenizer.json")
         return {"vocab_size": float(tok.get_vocab_size())}
     res = cfg.resources.tokenizer
-    files = resolve_inputs(cfg.data.inputs)
+    files = resolve_inputs(cfg.data.all_inputs())
     ctx.progress.update(status=f"training a {t.vocab_size}-token BPE on {len(files)} files (one Ray task)")
     task = ray.remote(tasks.tokenizer_task).options(**task_options(res, "tokenizer", max_retries=cfg.data.max_retries))
     metrics, text = ray.get(task.remote(files, opts=cfg.data.doc_options(), vocab_size=t.vocab_size,
@@ -78,4 +78,4 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 STAGE = Stage(name="tokenizer", needs=(), section=_section, version=3, run=run, reads_inputs=True,
-              params=lambda cfg: {"tokenizer": cfg.tokenizer.model_dump(mode="json"), "inputs": cfg.data.inputs})
+              params=lambda cfg: {"tokenizer": cfg.tokenizer.model_dump(mode="json"), "inputs": cfg.data.all_inputs()})

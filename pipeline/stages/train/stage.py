@@ -47,6 +47,7 @@ from pipeline.stages.train.init_from import (
 from pipeline.stages.train.lora import ADAPTER_FILES, check_lora_targets
 from pipeline.stages.train.progress import forward_progress
 from pipeline.stages.train.worker import STATE, train_loop_per_worker
+from tokenization.mixture import realised_shares
 
 
 def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
         check_lora_targets(cfg)
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
-    return {"model": fingerprint_view(cfg.model), "train": train}
+    mixture = {"mixture": cfg.data.mixture()} if cfg.data.sources else {}  # what training draws (prepare ignores it)
+    return {"model": fingerprint_view(cfg.model), "train": train, **mixture}
 
 
 def _section(cfg: Config) -> dict[str, Any]:
@@ -131,6 +133,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "prepare": asdict(ctx.inputs["prepare"].ref),
         "tracking_uri": ctx.tracker.tracking_uri,
         "run_id": ctx.tracker.worker_run_id(ctx.run_id),  # None while MLflow is down and the run not yet made
+        "mixture": cfg.data.mixture(),
         "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
                  "prepare_fingerprint": ctx.inputs["prepare"].fingerprint, "train_fingerprint": ctx.fingerprint},
     }
@@ -168,7 +171,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     metrics = json.loads((ctx.out_dir / STATE).read_text()).get("metrics", {})
     final = {k.removeprefix("train/"): float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and k.startswith("train/")}
-    return {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}
+    out = {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}
+    return {**out, **_shares(cfg)}
+
+
+def _shares(cfg: Config) -> dict[str, float]:
+    """A mixture's realised share of each source over the run's samples (`share_<name>`), from the same pure
+    function the workers draw with; `share_error` is the largest distance from a weight."""
+    if not cfg.data.sources:
+        return {}
+    mix = cfg.data.mixture()
+    shares = realised_shares(cfg.train.steps, global_batch=cfg.train.global_batch_size, weights=list(mix.values()))
+    out = {f"share_{name}": float(x) for name, x in zip(mix, shares)}
+    out["share_error"] = float(max(abs(x - w) for x, w in zip(shares, mix.values())))
+    return out
 
 
 STAGE = Stage(name="train", needs=("tokenizer", "prepare"), section=_section, version=2, run=run, resumable=True,

@@ -49,6 +49,7 @@ from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
 from tokenization.dataset import TokenWindows, sample_indices
+from tokenization.mixture import mixture_indices
 from tokenization.shards import shard_paths
 
 DS_TAG = "deepspeed"
@@ -68,6 +69,7 @@ class WorkerConfig:
     tracking_uri: str | None = None
     run_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # provenance written into model.json
+    mixture: dict[str, float] = field(default_factory=dict)  # {source: weight} of a data mixture; empty: one corpus
     progress: Any = None  # the driver's progress sink (a Ray actor); without one rank 0 prints its progress line
 
 
@@ -208,9 +210,12 @@ def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, g
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     cfg = WorkerConfig(**config)
+    per_source: list[int] = []  # a mixture's train shards, source after source: how many each source has
     if cfg.prepare:
         folder = StageRef(**cfg.prepare).local()
-        cfg.train_shards, cfg.val_shards = shard_paths(folder), shard_paths(folder, split="val")
+        groups = [shard_paths(folder, source=name) for name in cfg.mixture] or [shard_paths(folder)]
+        cfg.train_shards, cfg.val_shards = [p for g in groups for p in g], shard_paths(folder, split="val")
+        per_source = [len(g) for g in groups] if cfg.mixture else []
     device, under_ray = _device_and_group()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     t = cfg.train
@@ -222,6 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw)
     documents = t.get("packing", "stream") == "documents"
     data = TokenWindows(cfg.train_shards, cfg.seq_len, documents=documents)
+    draw = _sampler(cfg, data, per_source, rank=rank, world=world)
     val = TokenWindows(cfg.val_shards, cfg.seq_len, documents=documents) if t.get("eval_every") and cfg.val_shards else None
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
     rates = _Rates(cfg, device, world)
@@ -233,8 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
                    schedule=t.get("lr_schedule", "cosine"), decay_fraction=t.get("decay_fraction", 0.2))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = sample_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
-                             num_windows=len(data), seed=t["seed"])
+        idx = draw(step)
         loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step)
         torch.distributed.all_reduce(loss_sum)
         loss_avg = loss_sum.item() / (gas * world)
@@ -257,6 +262,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device)
     logger.close()  # step points queued during a tracking outage: sent now, or reported as lost
     return {**last, **rates.summary()}
+
+
+def _sampler(cfg: WorkerConfig, data: TokenWindows, per_source: list[int], *, rank: int, world: int):
+    """step -> this rank's window indices: the seeded order over all windows, or a mixture's weighted draw over its
+    sources' windows (`tokenization.mixture`); a pure function of the step either way."""
+    t = cfg.train
+    if not cfg.mixture:
+        return lambda step: sample_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
+                                           num_windows=len(data), seed=t["seed"])
+    bounds = np.concatenate([[0], np.cumsum(per_source)])
+    ranges = [(int(data.starts[a]), int(data.starts[b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    for name, (lo, hi) in zip(cfg.mixture, ranges):
+        if hi <= lo:
+            raise TrainingError(f"train: data source {name!r} has no training window of {cfg.seq_len + 1} tokens; "
+                                "give it more text or train on a shorter train.seq_len")
+    weights = list(cfg.mixture.values())
+    return lambda step: mixture_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
+                                        ranges=ranges, weights=weights, seed=t["seed"])[0]
 
 
 class _Rates:
