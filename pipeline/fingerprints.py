@@ -63,7 +63,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-TASK_KEYS = {"format": "text", "prompt_field": "prompt", "completion_field": "completion", "messages_field": "messages"}
+TASK_KEYS = {"format": "text", "prompt_field": "prompt", "completion_field": "completion", "messages_field": "messages",
+             "chat_template": None}
 
 
 def task_view(data: dict[str, Any]) -> dict[str, Any]:
@@ -71,6 +72,8 @@ def task_view(data: dict[str, Any]) -> dict[str, Any]:
     before task formats existed (a field name of another format does not change the output either)."""
     fmt = data.get("format", "text")
     used = {"text": (), "prompt_completion": ("prompt_field", "completion_field"), "chat": ("messages_field",)}[fmt]
+    if data.get("chat_template") is not None and fmt == "chat":
+        used += ("chat_template",)  # the built-in template: the fingerprint chat data had before templates
     return {k: v for k, v in data.items() if k not in TASK_KEYS or (k == "format" and fmt != "text") or k in used}
 
 

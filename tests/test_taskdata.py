@@ -223,3 +223,79 @@ def test_a_chat_template_whose_markers_are_not_tokens_is_refused_before_work(tmp
                                          r"<\|assistant\|>, <\|end\|>, so the chat template cannot mark"):
         _check_template(cfg, str(plain))
     _check_template(tiny_config(), str(plain))  # text data needs no markers
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_MARKERS = ["<|im_start|>", "<|im_end|>"]
+
+
+def test_a_jinja_chat_template_renders_as_transformers_does_and_masks_each_assistant_span(tmp_path):
+    """data.chat_template (ChatML here): the shards hold exactly transformers' rendering, and the loss mask covers
+    each assistant turn's content and closing marker (and the EOS after the last), nothing else."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenization.bpe import load_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    train_bpe(["be brief line speaker king fool"] * 8, vocab_size=300, special_tokens=[*SPECIAL_TOKENS, *CHATML_MARKERS]
+              ).save(str(path))
+    tok = load_tokenizer(str(path))
+    chats = [{"messages": [{"role": "user", "content": f"line {i}"}, {"role": "assistant", "content": f"speaker {i % 3}"},
+                           {"role": "user", "content": "and?"}, {"role": "assistant", "content": "the fool"}]}
+             for i in range(30)]
+    out = _prepare(tmp_path, str(path), _jsonl(tmp_path / "chat.jsonl", chats), DocOptions(format="chat", chat_template=CHATML))
+    shard = tmp_path / out["train"]["file"]
+    doc, mask = read_documents(shard)[0], read_loss_mask(shard)[: len(read_documents(shard)[0])]
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path), chat_template=CHATML)
+    eos = tok.token_to_id(SPECIAL_TOKENS[0])
+    rendered = {hf.apply_chat_template(c["messages"], tokenize=False): c for c in chats}
+    text = tok.decode(doc[:-1].tolist(), skip_special_tokens=False)
+    assert text in rendered and doc[-1] == eos  # the same text transformers renders, then prepare's EOS
+    learnt = [tok.decode(doc[a:b].tolist(), skip_special_tokens=False) for a, b in _runs(mask)]
+    speaker = rendered[text]["messages"][1]["content"]
+    assert learnt == [f"{speaker}<|im_end|>\n", "the fool<|im_end|>\n" + SPECIAL_TOKENS[0]]
+    assert list(doc).count(tok.token_to_id("<|im_start|>")) == 4  # markers are single special tokens
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of ones."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}",
+     "does not render the assistant's content"),
+    ("{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}", "does not render a conversation's turns in order"),
+    ("{% for m in messages %}{{ m['content'] }", "does not parse"),
+    ("{{ raise_exception('only user turns') }}", "the template refused a conversation: only user turns"),
+])
+def test_a_chat_template_that_cannot_place_the_mask_is_refused_before_work(tiny_config, tmp_path, template, words):
+    from pipeline.stages.prepare import _check_template
+
+    cfg = tiny_config(data={"format": "chat", "chat_template": template})
+    with pytest.raises(InputError, match=r"^data.chat_template: ") as e:
+        _check_template(cfg, str(tmp_path / "unused.json"))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_loaded_tokenizers_own_chat_template_is_used_and_fingerprinted_unless_the_config_gives_one(tiny_config, tmp_path):
+    from pipeline.stages import prepare, tokenizer
+
+    folder = tmp_path / "hf-tokenizer"
+    folder.mkdir()
+    train_bpe(["the king and the fool"] * 4, vocab_size=280, special_tokens=[*SPECIAL_TOKENS, *CHATML_MARKERS]
+              ).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    own = tiny_config(data={"format": "chat"}, tokenizer={"path": str(folder)})
+    assert prepare.chat_template(own) == CHATML
+    assert prepare._section(own)["data"]["chat_template"] == CHATML
+    given = tiny_config(data={"format": "chat", "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
+                        tokenizer={"path": str(folder)})
+    assert prepare.chat_template(given) != CHATML  # the config's wins
+    assert prepare._section(given) != prepare._section(own)
+    built_in = tiny_config(data={"format": "chat"})
+    assert prepare.chat_template(built_in) is None and "chat_template" not in prepare._section(built_in)["data"]
+    assert tokenizer.special_tokens(built_in)[-len(CHAT_MARKERS):] == CHAT_MARKERS  # only the built-in adds markers
+    assert not set(CHAT_MARKERS) & set(tokenizer.special_tokens(tiny_config(data={"format": "chat", "chat_template": CHATML})))

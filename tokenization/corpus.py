@@ -62,12 +62,15 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def _encoded(tok, batch: list[str], dtype: np.dtype, task: bool, n_eos: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _encoded(tok, batch: list[str], dtype: np.dtype, opts: DocOptions, n_eos: int,
+             eos_token: str) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """(ids, loss mask of ids + EOS, or None for text) per document of a batch."""
-    if not task:
+    if opts.format == "text":
         return [(ids, None) for ids in encode_documents(tok, batch, dtype)]
     out = []
-    for ids, mask, last_learnt in encode_task(batch, lambda texts: encode_documents(tok, texts, dtype), tok.token_to_id, dtype):
+    template = opts.chat_template if opts.format == "chat" else None
+    for ids, mask, last_learnt in encode_task(batch, lambda texts: encode_documents(tok, texts, dtype), tok.token_to_id,
+                                              dtype, template=template, eos_token=eos_token):
         out.append((ids, np.concatenate([mask, np.full(n_eos, last_learnt, dtype=np.uint8)])))  # EOS counts after a completion
     return out
 
@@ -90,7 +93,7 @@ def tokenize_shard(index: int, pieces: list[Piece], drop: np.ndarray, *, tokeniz
     try:
         kept = (text for i, text in enumerate(documents(pieces, opts, log, filtered)) if i not in dropped)
         for batch in batches(kept, BATCH_CHARS):
-            for text, (ids, mask) in zip(batch, _encoded(tok, batch, dtype, task, len(eos))):
+            for text, (ids, mask) in zip(batch, _encoded(tok, batch, dtype, opts, len(eos), eos_token)):
                 split = "val" if is_validation(doc_hash(text), val_fraction) else "train"
                 writers[split].add(np.concatenate([ids, eos]), mask)
                 text_bytes[split] += len(text.encode("utf-8"))

@@ -56,6 +56,8 @@ class DocOptions:
     """prompt_completion: the key holding the completion."""
     messages_field: str = "messages"
     """chat: the key holding the list of messages."""
+    chat_template: str | None = None
+    """chat: a Jinja chat template in Hugging Face's form (`messages`, `add_generation_prompt`, `eos_token`) instead of the built-in one; each assistant turn's content and closing markers are learnt. Its markers should be special tokens (tokenizer.special_tokens). Default: a loaded tokenizer's own template (tokenizer.path's tokenizer_config.json), else the built-in template."""
 
     def __post_init__(self) -> None:
         if self.min_chars < 0:

@@ -18,19 +18,36 @@ concatenated, so the mask boundary falls exactly between parts (BPE never
 merges across it). The loss mask is 1 on the tokens the model must learn to
 produce: the completion, or an assistant turn's content and its `<|end|>`;
 its role marker and everything else is 0. The EOS that `prepare` appends counts
-when the last part does. A Hugging Face tokenizer's own chat template is not
-used: only this built-in template exists.
+when the last part does.
+
+Rendering (a Jinja chat template, Hugging Face's form: `messages`,
+`add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`; given as
+`data.chat_template` or taken from a loaded tokenizer's `tokenizer_config.json`):
+the conversation is rendered whole, and each assistant turn's span is found by
+rendering twice more: the turns before it with the generation prompt (where its
+content starts) and the turns up to it (where its end markers stop). Those must
+be prefixes of the whole rendering and the span must hold the turn's content;
+a template for which they are not (it reorders, or drops the assistant's
+content) cannot place the loss mask and is refused (`TemplateError`). The spans
+are learnt, the text between them is not; each span is tokenized on its own,
+its markers as the special tokens the tokenizer holds.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
+from tokenization.inputs import InputError
 from tokenization.records import SURROGATE, Result
+
+
+class TemplateError(InputError):
+    """A chat template (`data.chat_template`) that cannot render a conversation with its assistant turns in place."""
 
 FORMATS = ("text", "prompt_completion", "chat")
 ROLES = ("system", "user", "assistant")
@@ -117,6 +134,64 @@ def parts(document: str) -> list[tuple[str, bool, bool]]:
     return [p for p in out if p[0]]
 
 
+@lru_cache(maxsize=4)
+def _compiled(template: str) -> Callable[..., str]:
+    # sandboxed, as transformers renders them: a template comes from a config or a downloaded tokenizer
+    from jinja2 import TemplateError as JinjaError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(f"data.chat_template: the template refused a conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        compiled = env.from_string(template)
+    except JinjaError as e:
+        raise TemplateError(f"data.chat_template: the template does not parse: {e}") from None
+
+    def render(messages: list[dict[str, str]], generation_prompt: bool, eos_token: str) -> str:
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=generation_prompt, bos_token="",
+                                   eos_token=eos_token)
+        except JinjaError as e:
+            raise TemplateError(f"data.chat_template: the template fails: {e}") from None
+
+    return render
+
+
+def template_parts(document: str, template: str, *, eos_token: str = "") -> list[tuple[str, bool, bool]]:
+    """The document rendered by a Jinja chat template as (text, False, trainable) parts: each assistant turn's span
+    (its content and closing markers) learnt, the rest not; TemplateError when the spans cannot be placed."""
+    render = _compiled(template)
+    turns = [{"role": role, "content": content} for role, content in json.loads(document)]
+    full = render(turns, False, eos_token)
+    out, at = [], 0
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        before, through = render(turns[:i], True, eos_token), render(turns[: i + 1], False, eos_token)
+        if not (through.startswith(before) and full.startswith(through) and len(before) >= at):
+            raise TemplateError("data.chat_template: the template does not render a conversation's turns in order (rendering the "
+                                "turns before an assistant turn is not a prefix of rendering them all), so the loss "
+                                "mask of the assistant turns cannot be placed")
+        if turn["content"] not in through[len(before):]:
+            raise TemplateError("data.chat_template: the template does not render the assistant's content where its turn starts, "
+                                "so the loss mask would not cover it")
+        out += [(full[at : len(before)], False, False), (through[len(before):], False, True)]
+        at = len(through)
+    out.append((full[at:], False, False))
+    return [p for p in out if p[0]]
+
+
+def check_template(template: str, *, eos_token: str = "") -> None:
+    """TemplateError unless the template renders a probe conversation (system, user, assistant, user, assistant)
+    with its assistant turns in place: what `prepare` checks before any work."""
+    probe = [["system", "Be brief."], ["user", "Who speaks?"], ["assistant", "The king."], ["user", "And then?"],
+             ["assistant", "The fool."]]
+    template_parts(json.dumps(probe), template, eos_token=eos_token)
+
+
 def plain_text(document: str) -> str:
     """The document's text without markers (what the tokenizer trains on)."""
     return "\n".join(content for _, content in json.loads(document))
@@ -129,10 +204,12 @@ def missing_markers(token_to_id: Callable[[str], int | None]) -> list[str]:
 
 
 def encode_task(documents: list[str], encode: Callable[[list[str]], list[np.ndarray]],
-                token_to_id: Callable[[str], int | None], dtype: np.dtype) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+                token_to_id: Callable[[str], int | None], dtype: np.dtype, *, template: str | None = None,
+                eos_token: str = "") -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """Per canonical document: (token ids, loss mask uint8, whether the last part is trainable). Each text part is
-    encoded alone (`encode`: texts -> id arrays), markers are looked up as single tokens."""
-    rendered = [parts(d) for d in documents]
+    encoded alone (`encode`: texts -> id arrays), markers are looked up as single tokens; with a chat `template`
+    the parts are its rendering's spans."""
+    rendered = [template_parts(d, template, eos_token=eos_token) if template else parts(d) for d in documents]
     texts = [t for ps in rendered for t, special, _ in ps if not special]
     encoded = iter(encode(texts))
     out = []

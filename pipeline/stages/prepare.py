@@ -26,6 +26,7 @@ content (`tokenization.inputs.input_identity`), not by path or mtime.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -50,12 +51,36 @@ from tokenization.inputs import (
     input_identity,
     resolve_inputs,
 )
-from tokenization.taskdata import missing_markers
+from tokenization.taskdata import check_template, missing_markers
+
+
+def chat_template(cfg: Config) -> str | None:
+    """The Jinja chat template chat data is rendered with: data.chat_template, else the template of the Hugging
+    Face tokenizer tokenizer.path names (its folder's chat_template.jinja or tokenizer_config.json); None: the
+    built-in template."""
+    if cfg.data.format != "chat":
+        return None
+    if cfg.data.chat_template is not None or not cfg.tokenizer.path:
+        return cfg.data.chat_template
+    folder = Path(cfg.tokenizer.path).expanduser()
+    folder = folder if folder.is_dir() else folder.parent
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "tokenizer_config.json").is_file():
+        found = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(found, list):  # named templates: the default one
+            found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"), None)
+        return found if isinstance(found, str) else None
+    return None
 
 
 def _check_template(cfg: Config, tok_path: str) -> None:
-    """A chat template needs its markers as single tokens, or the loss mask could not be placed: say so before work."""
+    """A chat template must place the assistant turns (a Jinja one: checked on a probe conversation), and the
+    built-in one needs its markers as single tokens, or the loss mask could not be placed: say so before work."""
     if cfg.data.format != "chat":
+        return
+    if (template := chat_template(cfg)) is not None:
+        check_template(template, eos_token=cfg.tokenizer.eos_token)
         return
     if missing := missing_markers(load_tokenizer(tok_path).token_to_id):
         raise InputError(f"data.format=chat: the tokenizer has no token {', '.join(missing)}, so the chat template "
@@ -65,6 +90,8 @@ def _check_template(cfg: Config, tok_path: str) -> None:
 
 def _section(cfg: Config) -> dict[str, Any]:
     data = data_view(cfg.data)
+    if (template := chat_template(cfg)) is not None:  # the tokenizer's own template renders as if configured
+        data["chat_template"] = template
     if cfg.data.sources:
         data["sources"] = [{"name": s.name, "inputs": input_identity(resolve_inputs(s.inputs))} for s in cfg.data.sources]
     else:
@@ -84,7 +111,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     d = cfg.data
     tok = ctx.inputs["tokenizer"]
     _check_template(cfg, str(tok.file("tokenizer.json")))
-    opts = cfg.data.doc_options()
+    opts = dataclasses.replace(cfg.data.doc_options(), chat_template=chat_template(cfg))
     ignored: Counter = Counter()
     shards, sources = _plan(d, ignored)
     if ignored:  # a folder's other files are not inputs; say which, so a format we do not read is not lost silently

@@ -49,7 +49,8 @@ def _section(cfg: Config) -> dict[str, Any]:
 
 def special_tokens(cfg: Config) -> list[str]:
     """tokenizer.special_tokens, plus the chat template's markers for chat data (the template needs them whole)."""
-    extra = [m for m in CHAT_MARKERS if m not in cfg.tokenizer.special_tokens] if cfg.data.format == "chat" else []
+    built_in = cfg.data.format == "chat" and cfg.data.chat_template is None  # a Jinja template's markers: the user's
+    extra = [m for m in CHAT_MARKERS if m not in cfg.tokenizer.special_tokens] if built_in else []
     return [*cfg.tokenizer.special_tokens, *extra]
 
 
