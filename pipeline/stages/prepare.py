@@ -91,6 +91,7 @@ def _check_template(cfg: Config, tok_path: str) -> None:
 def _section(cfg: Config) -> dict[str, Any]:
     data = data_view(cfg.data)
     if (template := chat_template(cfg)) is not None:  # the tokenizer's own template renders as if configured
+        check_template(template, eos_token=cfg.tokenizer.eos_token)  # at plan time: before any stage runs
         data["chat_template"] = template
     if cfg.data.sources:
         data["sources"] = [{"name": s.name, "inputs": input_identity(resolve_inputs(s.inputs))} for s in cfg.data.sources]
