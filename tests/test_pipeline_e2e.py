@@ -46,7 +46,7 @@ def _parents(client, experiment_id: str):
 def test_demo_flow_trains_caches_reruns_single_stages_and_tracks(ray_local, tracking_uri, config_file, capsys):
     from mlflow.tracking import MlflowClient
 
-    cfg = config_file()
+    cfg = config_file(train={"zero_stage": 1})  # ZeRO-1 here, ZeRO-3 below, the default 2 in tests/test_training.py
     assert cli.main(["run", cfg]) == 0
     out = capsys.readouterr().out
     assert _ran(out) == ["tokenizer", "prepare", "train", "evaluate", "decode"]
@@ -70,7 +70,7 @@ def test_demo_flow_trains_caches_reruns_single_stages_and_tracks(ray_local, trac
     assert all(r.info.status == "FINISHED" and len(r.data.tags["fingerprint"]) == 64 for r in children.values())
     losses = client.get_metric_history(children["train"].info.run_id, "train/loss")
     assert sorted(x.step for x in losses) == [1, 2, 3, 4, 5, 6]
-    assert children["train"].data.params["train.zero_stage"] == "2"
+    assert children["train"].data.params["train.zero_stage"] == "1"
     assert "val_bpb" in children["evaluate"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(children["decode"].info.run_id)}
     assert "samples.json" in artifacts
@@ -105,7 +105,7 @@ def test_demo_flow_trains_caches_reruns_single_stages_and_tracks(ray_local, trac
 LLAMA_STYLE = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "tie_embeddings": False, "bias": False}
 
 
-@pytest.mark.parametrize("zero_stage,model", [(1, {}), (3, LLAMA_STYLE)], ids=["zero1-gpt", "zero3-llama"])
+@pytest.mark.parametrize("zero_stage,model", [(3, LLAMA_STYLE)], ids=["zero3-llama"])  # ZeRO-1: the demo flow
 def test_two_worker_deepspeed_training_on_cpu_for_zero_stage(ray_local, tracking_uri, config_file, capsys, zero_stage, model):
     from model import load_model
 
