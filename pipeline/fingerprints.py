@@ -77,15 +77,11 @@ def task_view(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in TASK_KEYS or (k == "format" and fmt != "text") or k in used}
 
 
-
 def data_view(data: Any) -> dict[str, Any]:
-    """The `data` section as prepare's fingerprint sees it (inputs still as given): one corpus keeps the fingerprint
-    it had before mixtures existed; a mixture lists its sources by name and inputs, without their weights, which
-    change what training draws, never the shards."""
+    """The `data` section as prepare's fingerprint sees it, without its inputs: the stage adds them by content
+    (`inputs`, or each source's name and inputs), never a mixture's weights, which change what training draws,
+    not the shards. One corpus keeps the fingerprint it had before mixtures existed."""
     view = task_view(fingerprint_view(data))
-    if not view.get("sources"):
-        view.pop("sources", None)
-        return view
+    view.pop("sources", None)
     view.pop("inputs", None)
-    view["sources"] = [{"name": s.name, "inputs": list(s.inputs)} for s in data.sources]
     return view
