@@ -278,7 +278,7 @@ def test_editing_a_fact_reruns_only_index_and_decode_and_the_samples_cite_the_ed
     root = tmp_path / "store"
     raw = tiny_raw(corpus_dir, root, index={"inputs": [str(knowledge)], "passage_tokens": 64},
                    decode={"prompts": ["the lamp room is painted"], "retrieve": 1, "num_samples": 1,
-                           "max_new_tokens": 2}, tracking={"enabled": False})
+                           "max_new_tokens": 2})
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     store = ArtifactStore(str(root))
@@ -306,3 +306,15 @@ def test_editing_a_fact_reruns_only_index_and_decode_and_the_samples_cite_the_ed
     assert all("cached" in state[n] for n in ("tokenizer", "train")) and all(
         "cached" not in state[n] for n in ("index", "decode")), state
     assert "teal" in cited_text()
+    # each decode logged the model with its index, which serves the edited fact too
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "tiny"]
+    decodes = client.search_runs([exp.experiment_id], "tags.stage = 'decode'", order_by=["attributes.start_time DESC"])
+    served = mlflow.pyfunc.load_model(decodes[0].data.tags["model_uri"])
+    (answer,) = served.predict({"prompt": ["the lamp room is painted"], "max_new_tokens": [2]})
+    (src,) = answer["sources"]
+    assert "teal" in Retriever.load(store.local_dir("index", _fps(cli.load_config(str(cfg), []))["index"])).passages.column(
+        "text").to_pylist()[src["passage_id"]]

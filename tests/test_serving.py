@@ -135,6 +135,45 @@ def test_missing_model_files_are_named(tmp_path, tracking_uri):
         log_generation_model(tracking_uri, run.info.run_id, tmp_path)
 
 
+def test_the_model_decode_logs_with_its_index_retrieves_and_cites_its_sources(logged, tmp_path, tracking_uri):
+    """What `decode` logs when it retrieves: the model and the index in one served model; each row gets its top-k
+    passages in front (as decode would) and its sources, `retrieve: 0` none; the plain model refuses `retrieve`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from model.retrieval import Retriever
+    from pipeline.stages.decode import decode_samples
+    from tokenization.bpe import EOS
+    from tokenization.documents import DocOptions
+    from tokenization.inputs import resolve_inputs
+    from tokenization.passages import PassageOptions, file_passages
+
+    uri, model_dir, _, _ = logged
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "facts.md").write_text("The lamp room of Varnholm is painted vermilion.\n", encoding="utf-8")
+    tok = load_tokenizer(model_dir / "tokenizer.json")
+    table, _, _ = file_passages(resolve_inputs([str(tmp_path / "k")]), tok, DocOptions(),
+                              PassageOptions(passage_tokens=8, overlap=2))
+    Retriever.build(table, "bm25").save(tmp_path / "index")
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment("rag", artifact_location=(tmp_path / "r").as_uri()))
+    rag = mlflow.pyfunc.load_model(log_generation_model(tracking_uri, run.info.run_id, model_dir,
+                                                        index_dir=tmp_path / "index", retrieve=1))
+    prompt = "the lamp room of Varnholm is painted"
+    got = rag.predict({"prompt": [prompt, prompt], "max_new_tokens": [4, 4], "temperature": [0.0, 0.0],
+                       "retrieve": [None, 0]})
+    (want,) = decode_samples(str(model_dir), prompts=[prompt], opts=SamplingOptions(max_new_tokens=4, temperature=0.0),
+                             eos_token=EOS, index_dir=str(tmp_path / "index"), retrieve=1)
+    assert got[0] == {"completion": want["completion"], "sources": want["sources"]}  # the default k: decode's
+    assert got[0]["sources"][0]["file"].endswith("facts.md") and got[0]["sources"][0]["line"] == 1
+    assert got[1] == {"completion": _greedy(model_dir, prompt, 4), "sources": []}
+    with pytest.raises(MlflowException, match=r"row 0: retrieve 999 exceeds the \d+ passages of this model's index"):
+        rag.predict({"prompt": ["a"], "retrieve": [999]})
+    with pytest.raises(MlflowException, match=r"row 0: retrieve 1: this model holds no index"):
+        mlflow.pyfunc.load_model(uri).predict({"prompt": ["a"], "retrieve": [1]})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,10 @@ prompt's top-k passages go in front of it (`model.rag`'s template, within the
 context), and each sample records its `sources`. With `decode.qa_file` it runs
 the facts check (`pipeline.rag.facts_check`): `facts.jsonl`, a table, and
 `rag/facts_em` / `rag/facts_em_base`. Unset, neither key enters the fingerprint.
+When it retrieves (and `train.log_model` is on) it also logs the model with
+the index as a pyfunc model that retrieves (`pipeline.tracking.models`),
+tagged `model_uri` on its run: `mlflow models serve` then answers with the
+passages in front and each row's sources.
 """
 
 from __future__ import annotations
@@ -180,6 +184,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     if "facts" in out:
         _log_facts(ctx, out["facts"])
         metrics.update(out["facts"]["metrics"])
+    if index is not None and ctx.config.train.log_model:  # train's served model has no index: this one retrieves
+        ctx.tracker.log_model(ctx.run_id, ctx.inputs["train"].ref.local(list(MODEL_FILES)),
+                              eos_token=ctx.config.tokenizer.eos_token, index_dir=index.ref.local(), retrieve=d.retrieve)
     return metrics
 
 

@@ -187,13 +187,16 @@ class Tracker(Outbox):
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._submit(Call(run_id, "artifact", send=lambda rid: self.client.log_text(rid, text, artifact_file)))
 
-    def log_model(self, run_id: str, model_dir: str | Path, *, eos_token: str, registered_name: str | None = None) -> None:
-        """Log a train folder as a servable pyfunc model (`pipeline.serving`) and tag its URI as `model_uri`."""
+    def log_model(self, run_id: str, model_dir: str | Path, *, eos_token: str, registered_name: str | None = None,
+                  index_dir: str | Path | None = None, retrieve: int | None = None) -> None:
+        """Log a train folder as a servable pyfunc model (`pipeline.tracking.models`), with an index folder one that
+        retrieves, and tag its URI as `model_uri`."""
         def send(rid: str) -> None:
             from pipeline.tracking.models import log_generation_model
 
             uri = log_generation_model(self.tracking_uri, rid, Path(model_dir), eos_token=eos_token,
-                                       registered_name=registered_name)
+                                       registered_name=registered_name, retrieve=retrieve,
+                                       index_dir=Path(index_dir) if index_dir is not None else None)
             self.client.set_tag(rid, "model_uri", uri)
 
         self._submit(Call(run_id, "model", send=send))
@@ -238,7 +241,8 @@ class NullTracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None: ...
-    def log_model(self, run_id: str, model_dir: str | Path, *, eos_token: str, registered_name: str | None = None) -> None: ...
+    def log_model(self, run_id: str, model_dir: str | Path, *, eos_token: str, registered_name: str | None = None,
+                  index_dir: str | Path | None = None, retrieve: int | None = None) -> None: ...
     def end(self, run_id: str, status: str = "FINISHED") -> None: ...
     def close(self) -> str | None: ...
 

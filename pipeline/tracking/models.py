@@ -4,7 +4,11 @@
 `model.json` and `tokenizer.json` to an existing run as a pyfunc model whose
 `predict` takes a DataFrame (or a dict of columns) with a `prompt` column and
 optional `max_new_tokens` and `temperature` columns, and returns one completion
-per row. It is logged as MLflow's *models from code*: the logged model holds the
+per row. Logged with an `index` stage folder (by `decode`, when it retrieves),
+the model also retrieves: each prompt gets its top-k passages in front (an
+optional `retrieve` column sets k per row, 0 for none; by default the k decode
+used), and each row's prediction is `{"completion": ..., "sources": [...]}`
+with the passages it cited. It is logged as MLflow's *models from code*: the logged model holds the
 file `served_model.py`, which MLflow runs to build a `GenerationModel`, so loading
 or serving it unpickles nothing. A request may ask for at most
 `max_new_tokens_limit` new tokens per row (set when it is logged; by default the
@@ -57,45 +61,62 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = Tokenizer.from_file(str(paths["tokenizer.json"]))
         limit = self.model.config.max_seq_len  # models logged without a limit: the context
         self.settings = {**_defaults(limit), "max_new_tokens_limit": limit, **(context.model_config or {})}
+        self.retriever = None
+        if "index" in context.artifacts:  # logged by decode with its index: the served model retrieves too
+            from pipeline.rag import open_retriever
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        """model_input: a DataFrame or a dict of columns with `prompt` (+ optional max_new_tokens, temperature)
-        -> one completion (str) per row. A DataFrame hint is one MLflow infers no schema from: the logged
-        signature stays the one `_signature` declares."""
+            self.retriever = open_retriever(context.artifacts["index"], self.model, self.tokenizer)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[Any]:
+        """model_input: a DataFrame or a dict of columns with `prompt` (+ optional max_new_tokens, temperature,
+        and retrieve where the model retrieves) -> one completion (str) per row; where the model retrieves,
+        `{"completion": str, "sources": [{passage_id, file, line, score}, ...]}` per row. A DataFrame hint is one
+        MLflow infers no schema from: the logged signature stays the one `_signature` declares."""
         from model.generate import SamplingOptions
-        from pipeline.completion import complete
+        from pipeline.rag import complete_with_retrieval
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:
             raise MlflowException.invalid_parameter_value(f"input needs a 'prompt' column, got {list(df.columns)}")
         s = self.settings
-        groups: dict[tuple[int, float], list[int]] = {}  # rows with the same options decode as one batch
+        groups: dict[tuple[int, float, int], list[int]] = {}  # rows with the same options decode as one batch
         for i, row in enumerate(df.to_dict("records")):
             key = self._row_options(i, row)
             groups.setdefault(key, []).append(i)
         prompts = [str(p) for p in df["prompt"]]
-        out = [""] * len(prompts)
-        for (n, t), rows in groups.items():
+        out: list[Any] = [""] * len(prompts)
+        for (n, t, k), rows in groups.items():
             opts = SamplingOptions(max_new_tokens=n, temperature=t, top_k=s["top_k"], seed=None)
-            done = complete(self.model, self.tokenizer, [prompts[i] for i in rows], opts, eos_token=s["eos_token"])
+            done = complete_with_retrieval(self.model, self.tokenizer, self.retriever if k else None,
+                                           [prompts[i] for i in rows], opts, k=k or None, eos_token=s["eos_token"],
+                                           key="retrieve")
             for i, r in zip(rows, done):
-                out[i] = r["completion"]
+                out[i] = r["completion"] if self.retriever is None else {"completion": r["completion"],
+                                                                          "sources": r.get("sources", [])}
         return out
 
-    def _row_options(self, i: int, row: dict[str, Any]) -> tuple[int, float]:
-        """(max_new_tokens, temperature) of row i, the settings where it leaves one out; refused out of bounds."""
+    def _row_options(self, i: int, row: dict[str, Any]) -> tuple[int, float, int]:
+        """(max_new_tokens, temperature, retrieve) of row i, the settings where it leaves one out; refused out of
+        bounds, and a `retrieve` refused where the model holds no index."""
         s = self.settings
-        n, t = row.get("max_new_tokens"), row.get("temperature")
+        n, t, k = row.get("max_new_tokens"), row.get("temperature"), row.get("retrieve")
         n = int(n) if pd.notna(n) else int(s["max_new_tokens"])
         t = float(t) if pd.notna(t) else float(s["temperature"])
-        if n < 1 or t < 0:
+        if self.retriever is None and pd.notna(k) and int(k) != 0:
             raise MlflowException.invalid_parameter_value(
-                f"row {i}: max_new_tokens must be >= 1 and temperature >= 0, got {(n, t)}")
+                f"row {i}: retrieve {int(k)}: this model holds no index (the one decode logs with its index does)")
+        k = (int(k) if pd.notna(k) else int(s.get("retrieve") or 0)) if self.retriever is not None else 0
+        if n < 1 or t < 0 or k < 0:
+            raise MlflowException.invalid_parameter_value(
+                f"row {i}: max_new_tokens must be >= 1, temperature >= 0 and retrieve >= 0, got {(n, t, k)}")
+        if k > len(self.retriever or ()):
+            raise MlflowException.invalid_parameter_value(
+                f"row {i}: retrieve {k} exceeds the {len(self.retriever)} passages of this model's index")
         if n > s["max_new_tokens_limit"]:
             raise MlflowException.invalid_parameter_value(
                 f"row {i}: max_new_tokens {n} exceeds this model's limit of {s['max_new_tokens_limit']} "
                 "(max_new_tokens_limit, set when the model was logged)")
-        return n, t
+        return n, t, k
 
 
 def _defaults(limit: int | None = None) -> dict[str, Any]:
@@ -108,7 +129,7 @@ def _defaults(limit: int | None = None) -> dict[str, Any]:
     return {"max_new_tokens": n, "temperature": d.temperature, "top_k": d.top_k}
 
 
-def _signature() -> Any:
+def _signature(*, retrieves: bool = False) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import AnyType
@@ -116,18 +137,20 @@ def _signature() -> Any:
     # The options are typed `any`: a row that leaves one out turns its column into floats with NaN (which a long
     # column refuses) while a request that gives every row an integer makes it int64 (which a double column
     # refuses). `predict` converts and checks them.
-    return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "prompt"), ColSpec(AnyType(), "max_new_tokens", required=False),
-                       ColSpec(AnyType(), "temperature", required=False)]),
-        outputs=Schema([ColSpec(DataType.string)]))
+    # `retrieve` is declared on a model without an index too, so a request that asks for it is refused, not dropped
+    options = [ColSpec(AnyType(), name, required=False) for name in ("max_new_tokens", "temperature", "retrieve")]
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "prompt"), *options]),
+                          outputs=Schema([ColSpec(AnyType() if retrieves else DataType.string)]))
 
 
 def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, registered_name: str | None = None,
-                         eos_token: str = EOS, max_new_tokens_limit: int | None = None) -> str:
+                         eos_token: str = EOS, max_new_tokens_limit: int | None = None,
+                         index_dir: Path | None = None, retrieve: int | None = None) -> str:
     """Log the model in `model_dir` (a train folder) to the existing run `run_id` as a pyfunc model named "model";
     register it as `registered_name` when given. Returns the model URI (`models:/<name>/<version>` when registered).
     A request may ask for at most `max_new_tokens_limit` new tokens per row (default: the model's context).
-    The run keeps its status: a RUNNING run (a stage still in progress) is left RUNNING."""
+    With `index_dir` (an `index` stage folder) the model carries the index and retrieves `retrieve` passages per
+    prompt by default. The run keeps its status: a RUNNING run (a stage still in progress) is left RUNNING."""
     from mlflow.tracking import MlflowClient
 
     model_dir = Path(model_dir)
@@ -138,16 +161,21 @@ def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, reg
         max_new_tokens_limit = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["model_config"]["max_seq_len"]
     if max_new_tokens_limit < 1:
         raise ValueError(f"max_new_tokens_limit must be >= 1, got {max_new_tokens_limit}")
+    artifacts = {f: str(model_dir / f) for f in MODEL_FILES}
+    settings = {"eos_token": eos_token, **_defaults(int(max_new_tokens_limit)), "max_new_tokens_limit": int(max_new_tokens_limit)}
+    if index_dir is not None:
+        artifacts["index"] = str(index_dir)
+        settings["retrieve"] = int(retrieve or 1)
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
     with _fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(_MODEL_CODE), artifacts={f: str(model_dir / f) for f in MODEL_FILES},
-            code_paths=[str(_REPO / "model"), str(_REPO / "tokenization"), str(_REPO / "pipeline")], signature=_signature(),
+            name="model", python_model=str(_MODEL_CODE), artifacts=artifacts,
+            code_paths=[str(_REPO / "model"), str(_REPO / "tokenization"), str(_REPO / "pipeline")],
+            signature=_signature(retrieves=index_dir is not None),
             input_example={"prompt": ["\n"], "max_new_tokens": [1]},  # also checks at logging time that it predicts
-            model_config={"eos_token": eos_token, **_defaults(int(max_new_tokens_limit)),
-                          "max_new_tokens_limit": int(max_new_tokens_limit)},
-            pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas"])
+            model_config=settings, pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas",
+                                                     *(("pyarrow", "bm25s", "faiss-cpu") if index_dir else ())])
     uri = info.model_uri
     if registered_name:
         with _fluent_tracking_uri(tracking_uri):
