@@ -78,9 +78,16 @@ def train_tokenizer(corpus: Path, folder: Path) -> Path:
 
 def queries(corpus: Path) -> list[str]:
     """Lines of the corpus (each from a known document), spread over it."""
+    from model.retrieval import words
+
     docs = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
     step = max(1, len(docs) // QUERIES)
-    return [d.strip().splitlines()[len(d.strip().splitlines()) // 2] for d in docs[::step][:QUERIES]]
+    out = []
+    for d in docs[::step][:QUERIES]:
+        lines = d.strip().splitlines()
+        # from the middle on, the first line of 3 words or more (a line of punctuation alone retrieves nothing)
+        out.append(next((x for x in lines[len(lines) // 2:] + lines if len(words(x)) >= 3), lines[len(lines) // 2]))
+    return out
 
 
 def direct_build(corpus: str, tokenizer: str, out: str) -> float:

@@ -1,12 +1,38 @@
-"""Pure PyTorch: the decoder-only transformer, KV-cache generation and sampling options, scoring (loss, bits per byte, the length sweep), safetensors model folders and Hugging Face export/import."""
+"""Pure PyTorch: the decoder-only transformer, KV-cache generation and sampling options, scoring (loss, bits per byte, the length sweep), safetensors model folders and Hugging Face export/import.
 
-from model.config import ModelConfig, flops_per_token, param_count
-from model.generate import beam_search, generate, generate_batch
-from model.gpt import GPT
-from model.hf import export_hf, import_hf
-from model.kv_cache import KVCache
-from model.presets import PRESETS, preset
-from model.weights import load_model, save_model, state_dict_for_save
+The names below are imported when first used (PEP 562), so a module of this package that needs no torch
+(`model.retrieval` for BM25, `model.config`) is imported without it: a Ray task that only builds or searches a
+BM25 index does not pay torch's import (about 2 s in a fresh worker).
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ModelConfig": "model.config", "flops_per_token": "model.config", "param_count": "model.config",
+    "beam_search": "model.generation", "generate": "model.generation", "generate_batch": "model.generation",
+    "GPT": "model.gpt", "export_hf": "model.hf", "import_hf": "model.hf", "KVCache": "model.kv_cache",
+    "PRESETS": "model.presets", "preset": "model.presets",
+    "load_model": "model.weights", "save_model": "model.weights", "state_dict_for_save": "model.weights",
+}
 __all__ = ["GPT", "KVCache", "ModelConfig", "PRESETS", "beam_search", "export_hf", "flops_per_token", "generate",
            "generate_batch", "import_hf", "load_model", "param_count", "preset", "save_model", "state_dict_for_save"]
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig, flops_per_token, param_count
+    from model.generation import beam_search, generate, generate_batch
+    from model.gpt import GPT
+    from model.hf import export_hf, import_hf
+    from model.kv_cache import KVCache
+    from model.presets import PRESETS, preset
+    from model.weights import load_model, save_model, state_dict_for_save
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 Kind = Literal["bm25", "dense", "hybrid"]
 KINDS = ("bm25", "dense", "hybrid")
@@ -39,8 +40,9 @@ _WORD = re.compile(r"\w+")
 PASSAGES_FILE, META_FILE, BM25_DIR, DENSE_FILE = "passages.parquet", "retriever.json", "bm25", "dense.faiss"
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(NamedTuple):
+    """One retrieved passage (a named tuple: a search makes k per query, and a frozen dataclass is slower to make)."""
+
     passage_id: int
     doc_hash: int
     file: str
@@ -54,11 +56,13 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-@torch.no_grad()
 def embed(model: torch.nn.Module, token_lists: list[list[int]], *, batch_size: int = 32) -> np.ndarray:
     """(N, C) float32: the mean of the final hidden states over each sequence's tokens, L2-normalised (an empty
     sequence is a zero row). Sequences longer than the model's context keep their last `max_seq_len` tokens.
-    Batches are right-padded: the model is causal, so padding never reaches a real position."""
+    Batches are right-padded: the model is causal, so padding never reaches a real position. (torch is imported
+    here, not by the module: a BM25 index is built and searched without it.)"""
+    import torch
+
     max_len = model.config.max_seq_len
     device = next(model.parameters()).device
     seqs = [list(t)[-max_len:] for t in token_lists]
@@ -67,20 +71,21 @@ def embed(model: torch.nn.Module, token_lists: list[list[int]], *, batch_size: i
     order = [i for i in order if seqs[i]]
     was_training = model.training
     model.eval()
-    try:
-        for at in range(0, len(order), batch_size):
-            rows = order[at:at + batch_size]
-            T = max(len(seqs[i]) for i in rows)
-            idx = torch.zeros((len(rows), T), dtype=torch.long)
-            mask = torch.zeros((len(rows), T, 1))
-            for r, i in enumerate(rows):
-                idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[r, :len(seqs[i])] = 1.0
-            h = model.hidden_states(idx.to(device)).float().cpu()  # (B, T, C)
-            pooled = (h * mask).sum(1) / mask.sum(1)  # (B, C)
-            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-    finally:
-        model.train(was_training)
+    with torch.no_grad():
+        try:
+            for at in range(0, len(order), batch_size):
+                rows = order[at:at + batch_size]
+                T = max(len(seqs[i]) for i in rows)
+                idx = torch.zeros((len(rows), T), dtype=torch.long)
+                mask = torch.zeros((len(rows), T, 1))
+                for r, i in enumerate(rows):
+                    idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[r, :len(seqs[i])] = 1.0
+                h = model.hidden_states(idx.to(device)).float().cpu()  # (B, T, C)
+                pooled = (h * mask).sum(1) / mask.sum(1)  # (B, C)
+                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        finally:
+            model.train(was_training)
     return out
 
 
@@ -184,7 +189,9 @@ class Retriever:
         scores, rows = self._dense_candidates(queries, [k + len(b) for b in banned])
         out = []
         for s, r, b in zip(scores, rows, banned):
-            keep = (r >= 0) & ~np.isin(r, b)
+            keep = r >= 0
+            if len(b):  # a document's few rows: one comparison table is cheaper than np.isin's sort
+                keep &= (r[:, None] != b[None, :]).all(axis=1) if len(b) <= 64 else ~np.isin(r, b)
             out.append(list(zip(r[keep][:k].tolist(), s[keep][:k].tolist())))
         return out
 

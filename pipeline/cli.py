@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.generate import SamplingOptions
+from model.generation import SamplingOptions
 from pipeline.config import load_config
 from pipeline.engine.execute import execute
 from pipeline.engine.plan import plan

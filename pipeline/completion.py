@@ -2,7 +2,7 @@
 
 Shared by the `decode` stage, `llmpipe generate` and the MLflow pyfunc model, so
 it imports only torch, `model` and `tokenization` (a model server needs nothing
-else); the options are `model.generate.SamplingOptions`. Sampling rows (prompts x samples) decode together as left-padded batches
+else); the options are `model.generation.SamplingOptions`. Sampling rows (prompts x samples) decode together as left-padded batches
 of `batch_size` through `generate_batch`, each row with its own budget and its own random stream seeded by
 (seed, prompt index, sample index), so `batch_size` changes the speed, never a completion; beam search runs one
 prompt at a time.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from model import GPT, beam_search, generate_batch
-from model.generate import SamplingOptions, left_pad, row_seed
+from model.generation import SamplingOptions, left_pad, row_seed
 from tokenization.bpe import EOS
 
 

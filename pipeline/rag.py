@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.generate import SamplingOptions
+from model.generation import SamplingOptions
 from model.rag import (
     RetrieveOptions,
     answer_matches,

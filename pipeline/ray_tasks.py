@@ -4,7 +4,8 @@ Ray ships a task to a worker by reference to its module; importing a stage
 module there would drag in every stage (torch, DeepSpeed) just to tokenize.
 These wrappers import only `tokenization` (numpy, pyarrow, tokenizers) and the
 fault-injection hook, and call the plain functions that do the work. The index
-task imports `model.retrieval` (and so torch) only when it runs.
+task imports `model.retrieval` when it runs, and torch only for the dense kinds
+(a BM25 index is built without it).
 """
 
 from __future__ import annotations

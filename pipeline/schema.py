@@ -3,7 +3,7 @@
 Each field is declared once. The sections that configure a pure layer *are* that
 layer's dataclass, validated by pydantic: `model` is `model.ModelConfig` (plus a
 `preset` name), `evaluate` is `model.scoring.EvalOptions` (plus `model.rag.RetrieveOptions`), `decode` is
-`model.generate.SamplingOptions` plus the prompts, and `data` is
+`model.generation.SamplingOptions` plus the prompts, and `data` is
 `tokenization.documents.DocOptions` plus the corpus and sharding fields. The
 sections only the pipeline has (store, tokenizer, train, resources, tracking) are
 pydantic models here. Every section forbids unknown keys, so a misspelt key is an
@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model.config import ModelConfig
-from model.generate import SamplingOptions
+from model.generation import SamplingOptions
 from model.lora import LoraOptions
 from model.presets import PRESETS
 from model.rag import RetrieveOptions

@@ -38,7 +38,7 @@ def test_every_field_of_every_section_is_documented_once():
 
 def test_the_model_section_is_the_model_config_and_no_field_is_restated():
     from model.config import ModelConfig
-    from model.generate import SamplingOptions
+    from model.generation import SamplingOptions
     from model.scoring import EvalOptions
     from tokenization.documents import DocOptions
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig, load_model, save_model, state_dict_for_save
-from model.generate import SamplingOptions
+from model.generation import SamplingOptions
 from pipeline.completion import complete, completion_logprobs
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError

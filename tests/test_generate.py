@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig, beam_search, generate, generate_batch
-from model.generate import apply_repetition_penalty, sample_next
+from model.generation import apply_repetition_penalty, sample_next
 
 PROMPTS = [[5, 17, 3, 42, 8, 1, 9], [7, 2], [11, 12, 13, 14]]
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,3 +139,20 @@ def test_a_model_json_from_before_the_new_fields_loads_as_the_same_model(tmp_pat
     assert (cfg.norm, cfg.mlp, cfg.tie_embeddings, cfg.n_kv_head) == ("layernorm", "gelu", True, 4)
     idx = torch.randint(0, 97, (1, 9))
     assert torch.equal(loaded(idx), m(idx))
+
+
+def test_the_model_package_exports_resolve_and_retrieval_imports_without_torch():
+    """`model` imports its names on first use, so a BM25 index task never pays torch's import."""
+    import importlib
+    import subprocess
+    import sys
+
+    import model
+
+    assert sorted(model._EXPORTS) == model.__all__
+    for name in model.__all__:
+        assert getattr(model, name) is getattr(importlib.import_module(model._EXPORTS[name]), name)
+    code = "import sys, model.retrieval, bm25s; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"

@@ -123,7 +123,7 @@ def test_the_passage_prefix_is_best_first_within_its_budget_and_ends_with_a_blan
 
 
 def test_decoded_samples_cite_their_sources_and_k_beyond_the_index_names_the_key(tmp_path):
-    from model.generate import SamplingOptions
+    from model.generation import SamplingOptions
 
     model_dir = make_model_dir(tmp_path / "model", "alibi")
     tok = load_tokenizer(model_dir / "tokenizer.json")

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from model import load_model
-from model.generate import SamplingOptions
+from model.generation import SamplingOptions
 from pipeline.completion import complete
 from pipeline.tracking.models import log_generation_model
 from tests.test_decode import make_model_dir

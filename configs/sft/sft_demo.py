@@ -74,7 +74,7 @@ def _split(records: list[dict], val_fraction: float) -> tuple[list[dict], list[d
 def exact_match(model_dir: str, questions: list[tuple[str, str]], eos: str) -> float:
     """Greedy completions of the prompts, up to EOS; the share equal to the answer (whitespace stripped)."""
     from model import load_model
-    from model.generate import generate_batch
+    from model.generation import generate_batch
     from tokenization.bpe import load_tokenizer
 
     model, _ = load_model(model_dir)

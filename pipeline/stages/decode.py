@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.generate import SamplingOptions
+from model.generation import SamplingOptions
 from pipeline.artifacts import MODEL_FILES
 from pipeline.cluster.resources import task_options
 from pipeline.engine.stage import Stage, StageContext

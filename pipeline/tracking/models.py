@@ -72,7 +72,7 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         and retrieve where the model retrieves) -> one completion (str) per row; where the model retrieves,
         `{"completion": str, "sources": [{passage_id, file, line, score}, ...]}` per row. A DataFrame hint is one
         MLflow infers no schema from: the logged signature stays the one `_signature` declares."""
-        from model.generate import SamplingOptions
+        from model.generation import SamplingOptions
         from pipeline.rag import complete_with_retrieval
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -122,7 +122,7 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
 def _defaults(limit: int | None = None) -> dict[str, Any]:
     """The served model's sampling defaults: those of `SamplingOptions`, declared there once (a row that leaves
     max_new_tokens out gets at most the limit)."""
-    from model.generate import SamplingOptions
+    from model.generation import SamplingOptions
 
     d = SamplingOptions()
     n = d.max_new_tokens if limit is None else min(d.max_new_tokens, limit)
