@@ -83,6 +83,28 @@ def test_demo_config_is_valid():
     assert cfg.train.num_workers == 2 and cfg.train.zero_stage == 2
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_every_shipped_config_is_valid(name, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parent.parent)  # their task and knowledge files are relative to the repository
+    assert load_config(Path("configs") / name).name == name.removesuffix(".yaml")
+
+
+def test_the_100s_recipe_changes_only_recipe_keys_and_reuses_the_demos_data(tmp_path, monkeypatch):
+    """configs/demo-100s.yaml is the demo with another recipe: same data and model shape, so after `make demo`
+    its tokenizer and prepare stages are cached (same fingerprints)."""
+    from pipeline.engine.plan import plan
+    from pipeline.engine.store import ArtifactStore
+    from pipeline.stages import STAGES
+
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    demo, fast = (load_config(Path("configs") / f, [f"store.root={tmp_path}"]) for f in ("demo.yaml", "demo-100s.yaml"))
+    shape = ("n_layer", "n_head", "d_model", "max_seq_len", "vocab_size")
+    assert [getattr(demo.model, k) for k in shape] == [getattr(fast.model, k) for k in shape]
+    fps = [{it.stage.name: it.fingerprint for it in plan(c, ArtifactStore(str(tmp_path)), STAGES)} for c in (demo, fast)]
+    assert fps[0]["tokenizer"] == fps[1]["tokenizer"] and fps[0]["prepare"] == fps[1]["prepare"]
+    assert fps[0]["train"] != fps[1]["train"]
+
+
 def test_cross_field_errors_read_as_one_clean_line(tmp_path):
     raw = tiny_raw(tmp_path, tmp_path, train={"warmup_steps": 50, "steps": 10})
     with pytest.raises(ConfigError) as e:

@@ -134,6 +134,9 @@ def test_resuming_from_the_final_checkpoint_keeps_the_final_metrics(reference, t
     assert cli.main(["run", str(cfg), "--to", "train"]) == 0  # not --only train: that forces a rebuild from scratch
     metrics = json.loads((train_dir / "_COMPLETE.json").read_text())["metrics"]
     assert committed["final_loss"] == reference["losses"][6]
+    # what the run spent outside optimizer steps: the workers' start-up, one checkpoint (step 3) before the final
+    assert committed["startup_s"] > 0 and committed["steps_s"] > 0 and committed["checkpoint_s"] > 0
+    assert committed["wall_s"] > committed["startup_s"] + committed["steps_s"] and 0 < committed["outside_steps_frac"] < 1
     assert metrics["final_loss"] == committed["final_loss"] and metrics["final_lr"] == committed["final_lr"]
     state = json.loads((train_dir / "ray_train" / "step_00000006" / "train_state.json").read_text())
     assert state["metrics"]["train/loss"] == reference["losses"][6]  # the re-saved final checkpoint keeps them too

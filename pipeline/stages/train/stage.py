@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ def _worker_env(scaling: dict[str, Any]) -> dict[str, str]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
+    t_begin = time.perf_counter()
     cfg = ctx.config
     t = cfg.train
     tok = ctx.inputs["tokenizer"]
@@ -172,6 +174,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     final = {k.removeprefix("train/"): float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and k.startswith("train/")}
     out = {"final_" + k if k in ("loss", "lr") else k: v for k, v in final.items()}
+    wall = time.perf_counter() - t_begin
+    if "steps_s" in out and wall > 0:  # the share of the stage spent outside optimizer steps (start-up, checkpoints)
+        out.update(wall_s=wall, outside_steps_frac=max(0.0, 1.0 - out["steps_s"] / wall))
     return {**out, **_shares(cfg)}
 
 

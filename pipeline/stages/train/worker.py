@@ -209,6 +209,7 @@ def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, g
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    t_begin = time.perf_counter()
     cfg = WorkerConfig(**config)
     per_source: list[int] = []  # a mixture's train shards, source after source: how many each source has
     if cfg.prepare:
@@ -233,6 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     rates = _Rates(cfg, device, world)
     steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
     t_start = time.perf_counter()
+    costs = _Costs(startup_s=t_start - t_begin)  # what the run spends outside optimizer steps, in the step metrics
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         lr = lr_at(step, lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"], total_steps=steps,
@@ -247,8 +249,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         if not math.isfinite(loss_avg) and not (engine.fp16_enabled() and not engine.was_step_applied()):
             raise NonFiniteLoss(f"train: loss is {loss_avg} at step {done}; stopping (checkpoints up to step "
                                 f"{done - done % t['checkpoint_every']} are kept)")
+        costs.steps_s += time.perf_counter() - t0
         last = rates.metrics(loss_avg, lr, time.perf_counter() - t0, done, first=step == start_step,
-                             grad_norm=engine.get_global_grad_norm())
+                             grad_norm=engine.get_global_grad_norm()) | costs.metrics()
         if val is not None and (done % t["eval_every"] == 0 or done == steps):
             last["train/val_loss"] = validation_loss(engine, val, rank=rank, world=world, max_tokens=t["eval_tokens"],
                                                      micro=micro, device=device)
@@ -256,7 +259,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             logger.log_metrics(last, step=done)
             report_progress(cfg.progress, rank, done, steps, last, time.perf_counter() - t_start, start_step)
         if done % t["checkpoint_every"] == 0 or done == steps:
+            t_save = time.perf_counter()
             _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device)
+            costs.saved(time.perf_counter() - t_save)
             faults.maybe_fail("train.step", done)
     if start_step >= steps:  # resumed from the final checkpoint: re-report it (with its metrics) for the driver
         _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device)
@@ -280,6 +285,27 @@ def _sampler(cfg: WorkerConfig, data: TokenWindows, per_source: list[int], *, ra
     weights = list(cfg.mixture.values())
     return lambda step: mixture_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
                                         ranges=ranges, weights=weights, seed=t["seed"])[0]
+
+
+@dataclass
+class _Costs:
+    """Seconds of this worker outside optimizer steps: its start-up (data, process group, model, DeepSpeed,
+    resume) and its checkpoints, beside the seconds in steps. A checkpoint's metrics are written during its own
+    save, so they hold the checkpoints before it."""
+
+    startup_s: float
+    steps_s: float = 0.0
+    checkpoints: int = 0
+    checkpoint_total_s: float = 0.0
+
+    def saved(self, seconds: float) -> None:
+        self.checkpoints, self.checkpoint_total_s = self.checkpoints + 1, self.checkpoint_total_s + seconds
+
+    def metrics(self) -> dict[str, float]:
+        m = {"train/startup_s": self.startup_s, "train/steps_s": self.steps_s}
+        if self.checkpoints:
+            m["train/checkpoint_s"] = self.checkpoint_total_s / self.checkpoints
+        return m
 
 
 class _Rates:
