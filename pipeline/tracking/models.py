@@ -8,8 +8,8 @@ per row. Logged with an `index` stage folder (by `decode`, when it retrieves),
 the model also retrieves: each prompt gets its top-k passages in front (an
 optional `retrieve` column sets k per row, 0 for none; by default the k decode
 used), and each row's prediction is `{"completion": ..., "sources": [...]}`
-with the passages it cited. It is logged as MLflow's *models from code*: the logged model holds the
-file `served_model.py`, which MLflow runs to build a `GenerationModel`, so loading
+with the passages it cited. It is logged as MLflow's *models from code*: the
+logged model holds the file `served_model.py`, which MLflow runs to build a `GenerationModel`, so loading
 or serving it unpickles nothing. A request may ask for at most
 `max_new_tokens_limit` new tokens per row (set when it is logged; by default the
 model's context), so one request cannot make the server allocate an unbounded KV
