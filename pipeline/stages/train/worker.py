@@ -234,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     rates = _Rates(cfg, device, world)
     steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
     t_start = time.perf_counter()
-    costs = _Costs(startup_s=t_start - t_begin)  # what the run spends outside optimizer steps, in the step metrics
+    costs = _Costs(startup_s=t_start - t_begin)  # what the run spent outside optimizer steps, in the final metrics
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         lr = lr_at(step, lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"], total_steps=steps,
@@ -251,7 +251,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
                                 f"{done - done % t['checkpoint_every']} are kept)")
         costs.steps_s += time.perf_counter() - t0
         last = rates.metrics(loss_avg, lr, time.perf_counter() - t0, done, first=step == start_step,
-                             grad_norm=engine.get_global_grad_norm()) | costs.metrics()
+                             grad_norm=engine.get_global_grad_norm())
+        if done == steps:  # once, with the final step's point and in the final checkpoint's metrics
+            last |= costs.metrics()
         if val is not None and (done % t["eval_every"] == 0 or done == steps):
             last["train/val_loss"] = validation_loss(engine, val, rank=rank, world=world, max_tokens=t["eval_tokens"],
                                                      micro=micro, device=device)
@@ -290,8 +292,8 @@ def _sampler(cfg: WorkerConfig, data: TokenWindows, per_source: list[int], *, ra
 @dataclass
 class _Costs:
     """Seconds of this worker outside optimizer steps: its start-up (data, process group, model, DeepSpeed,
-    resume) and its checkpoints, beside the seconds in steps. A checkpoint's metrics are written during its own
-    save, so they hold the checkpoints before it."""
+    resume) and its checkpoints, beside the seconds in steps (this run's). Reported with the final step, whose
+    metrics are written during the final checkpoint's save: `checkpoint_s` is the mean of the ones before it."""
 
     startup_s: float
     steps_s: float = 0.0
