@@ -55,8 +55,9 @@ def make_corpus(folder: Path, scale: int = 1) -> tuple[Path, int]:
                 lines = next(iter_documents(file.uri)).splitlines(keepends=True)
                 for i in range(0, len(lines), 40):
                     block = lines[i : i + 40]
-                    text = "".join(variant(block, k))
-                    if text.strip() and (k == 0 or variant(block, k) != block):
+                    copy = variant(block, k)
+                    text = "".join(copy)
+                    if text.strip() and (k == 0 or copy != block):
                         total += len(text.encode("utf-8"))
                         f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     return out, total

@@ -87,9 +87,8 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         out: list[Any] = [""] * len(prompts)
         for (n, t, k), rows in groups.items():
             opts = SamplingOptions(max_new_tokens=n, temperature=t, top_k=s["top_k"], seed=None)
-            done = complete_with_retrieval(self.model, self.tokenizer, self.retriever if k else None,
-                                           [prompts[i] for i in rows], opts, k=k or None, eos_token=s["eos_token"],
-                                           key="retrieve")
+            done = complete_with_retrieval(self.model, self.tokenizer, self.retriever, [prompts[i] for i in rows], opts,
+                                           k=k, eos_token=s["eos_token"], key="retrieve")  # k 0: no passages
             for i, r in zip(rows, done):
                 out[i] = r["completion"] if self.retriever is None else {"completion": r["completion"],
                                                                           "sources": r.get("sources", [])}

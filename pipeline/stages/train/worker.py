@@ -249,9 +249,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         if not math.isfinite(loss_avg) and not (engine.fp16_enabled() and not engine.was_step_applied()):
             raise NonFiniteLoss(f"train: loss is {loss_avg} at step {done}; stopping (checkpoints up to step "
                                 f"{done - done % t['checkpoint_every']} are kept)")
-        costs.steps_s += time.perf_counter() - t0
-        last = rates.metrics(loss_avg, lr, time.perf_counter() - t0, done, first=step == start_step,
-                             grad_norm=engine.get_global_grad_norm())
+        dt = time.perf_counter() - t0
+        costs.steps_s += dt
+        last = rates.metrics(loss_avg, lr, dt, done, first=step == start_step, grad_norm=engine.get_global_grad_norm())
         if done == steps:  # once, with the final step's point and in the final checkpoint's metrics
             last |= costs.metrics()
         if val is not None and (done % t["eval_every"] == 0 or done == steps):
