@@ -4,7 +4,8 @@
 field docstrings, the `model` section of the pipeline's config, so its field
 names and defaults are a file format: a new field gets a default that reproduces the
 model as it was before the field existed (learned positions, LayerNorm, exact
-GELU, tied unembedding, one KV head per query head). `param_count` counts
+GELU, tied unembedding, one KV head per query head, a pre-norm decoder).
+`param_count` counts
 parameters from the config alone (the presets table and the FLOPs estimate use it
 without building a model); `flops_per_token` is the training cost used for MFU.
 """
@@ -19,6 +20,8 @@ POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+FAMILIES = ("decoder", "encoder")
+NORM_POSITIONS = ("pre", "post")
 
 
 def _check(ok: bool, field: str, message: str) -> None:
@@ -35,6 +38,10 @@ class ModelConfig:
 
     vocab_size: int | None = None
     """Vocabulary size; in a pipeline config it comes from the tokenizer, never from this section."""
+    family: Literal["decoder", "encoder"] = "decoder"
+    """decoder: causal self-attention and a next-token head (GPT, LLaMA); encoder: bidirectional self-attention and a masked-LM head, a dense layer + norm before the unembedding (BERT, RoBERTa)."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """pre: a norm before each sub-layer and one at the end (GPT-2, LLaMA); post: a norm after each residual addition and one over the embeddings, none at the end (the original paper's sub-layers, BERT's embeddings)."""
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
@@ -86,6 +93,8 @@ class ModelConfig:
         _check(self.pos_encoding in POS_ENCODINGS, "pos_encoding", f"{self.pos_encoding!r} is not one of {POS_ENCODINGS}")
         _check(self.norm in NORMS, "norm", f"{self.norm!r} is not one of {NORMS}")
         _check(self.mlp in MLPS, "mlp", f"{self.mlp!r} is not one of {MLPS}")
+        _check(self.family in FAMILIES, "family", f"{self.family!r} is not one of {FAMILIES}")
+        _check(self.norm_position in NORM_POSITIONS, "norm_position", f"{self.norm_position!r} is not one of {NORM_POSITIONS}")
         _check(self.rope_scaling in ROPE_SCALINGS, "rope_scaling", f"{self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
         _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         _check(self.rope_factor >= 1.0, "rope_factor", f"must be >= 1, got {self.rope_factor}")
@@ -106,6 +115,11 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     @property
+    def causal(self) -> bool:
+        """Whether each position attends only to itself and the positions before it (the decoder)."""
+        return self.family == "decoder"
+
+    @property
     def rope_original_len(self) -> int:
         return self.rope_original_max_seq_len or self.max_seq_len
 
@@ -114,7 +128,8 @@ class ModelConfig:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Parameters of `GPT(cfg)`, counted from the config alone (a tied matrix counts once)."""
+    """Parameters of `GPT(cfg)`, counted from the config alone (a tied matrix counts once). Pre- and post-norm
+    have as many norms (post-norm's embedding norm stands in for the final one)."""
     d, hd = cfg.d_model, cfg.head_dim
     norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     b = int(cfg.bias)
@@ -125,6 +140,8 @@ def param_count(cfg: ModelConfig) -> int:
     total = cfg.vocab_size * d + cfg.n_layer * (2 * norm + attn + mlp) + norm
     total += cfg.max_seq_len * d if cfg.pos_encoding == "learned" else 0
     total += 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    if cfg.family == "encoder":  # the masked-LM head: dense d -> d, a norm, and a bias on the unembedding
+        total += d * d + b * d + norm + b * cfg.vocab_size
     return total
 
 

@@ -109,13 +109,13 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
 @torch.inference_mode()
 def prefill(model: GPT, prompt: torch.Tensor, cache: KVCache, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """prompt: (B, T), left-padded where attention_mask is 0 -> logits of the last position (B, vocab)."""
-    return model.lm_head(model.hidden_states(prompt, kv_cache=cache, attention_mask=attention_mask)[:, -1])
+    return model.unembed(model.hidden_states(prompt, kv_cache=cache, attention_mask=attention_mask)[:, -1])
 
 
 @torch.inference_mode()
 def decode_one_token(model: GPT, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """token: (B,) -> logits for the next position (B, vocab)."""
-    return model.lm_head(model.hidden_states(token[:, None], kv_cache=cache)[:, -1])
+    return model.unembed(model.hidden_states(token[:, None], kv_cache=cache)[:, -1])
 
 
 class _Decoder:
@@ -131,7 +131,7 @@ class _Decoder:
             self.logits = self._full_forward()
 
     def _full_forward(self) -> torch.Tensor:
-        return self.model.lm_head(self.model.hidden_states(self.idx, attention_mask=self.mask)[:, -1])
+        return self.model.unembed(self.model.hidden_states(self.idx, attention_mask=self.mask)[:, -1])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep the rows `rows` (B',) of the batch, in that order."""

@@ -1,21 +1,28 @@
-"""A decoder-only transformer ("Attention Is All You Need", as in GPT-2 and LLaMA).
+"""The transformer of "Attention Is All You Need": decoder-only (GPT-2, LLaMA) or encoder-only (BERT, RoBERTa).
 
-Architecture choices (all in `ModelConfig`, defaults = GPT-2 style):
+One set of layers serves both families (`ModelConfig.family`); they differ in the
+attention mask (causal or bidirectional) and the head. Architecture choices
+(all in `ModelConfig`, defaults = GPT-2 style):
 - token embedding + positional encoding: `learned` (a table of `max_seq_len`
   rows, GPT-2), `sinusoidal` (Vaswani et al.), `rope` (rotary, rotate-half as in
   LLaMA; optional linear / NTK-aware / YaRN scaling, changeable at evaluation
   time with `set_rope_scaling`), `alibi` (per-head linear distance penalties,
   Press et al.) or `none` (the causal mask alone carries order); all but `learned`
   are defined at any position, so the model can be evaluated past its context;
-- pre-norm blocks: `x = x + attn(norm(x)); x = x + mlp(norm(x))`, LayerNorm or RMSNorm;
-- causal self-attention through `scaled_dot_product_attention` (flash /
+- pre-norm blocks: `x = x + attn(norm(x)); x = x + mlp(norm(x))` and a final norm, or post-norm
+  blocks (the original paper, BERT): `x = norm(x + attn(x)); x = norm(x + mlp(x))` after a norm
+  over the embeddings; LayerNorm or RMSNorm;
+- decoder: causal self-attention through `scaled_dot_product_attention` (flash /
   memory-efficient kernels on GPU) with `n_kv_head` key/value heads (multi-head,
   grouped-query or multi-query), an optional KV cache, and left padding;
   packed windows of several documents (`segment_ids`) attend block-diagonally,
   positions restarting at each document (`model.segments`; FlexAttention on GPU);
+  encoder: every position attends to every real token (padding masked out), no KV cache;
 - MLP: GELU (exact or tanh) or SwiGLU; optional biases; dropout;
-- a final norm; unembedding tied to the token embedding or a separate matrix;
-  softmax inside the cross-entropy for training, in the sampler for decoding;
+- unembedding tied to the token embedding or a separate matrix; the encoder's masked-LM head puts a
+  dense layer, its activation and a norm before it and a bias after it (BERT's); softmax inside the
+  cross-entropy for training (targets of -1, e.g. unmasked positions, are ignored), in the sampler
+  for decoding;
 - all initialisation in `init_weights`; optional activation checkpointing per block.
 
 Pure PyTorch: no Ray, DeepSpeed or MLflow here. Distribution is applied from outside.
@@ -38,6 +45,7 @@ from model.layers import (
     Rotary,
     alibi_slopes,
     apply_rotary,
+    bidirectional_mask,
     causal_mask,
     make_norm,
     sinusoidal_positions,
@@ -65,7 +73,9 @@ class AttentionInputs:
     flex: tuple[Any, Any] | None = None  # FlexAttention (block mask, score_mod) in place of the SDPA mask
 
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; causal or bidirectional as the mask in `AttentionInputs` says."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -122,15 +132,32 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
         self.ln_1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg, layer)
+        self.attn = SelfAttention(cfg, layer)
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        if self.post_norm:  # the residual stream itself is normalised after each sub-layer
+            x = self.ln_1(x + self.attn(x, inputs))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), inputs)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's prediction head before the unembedding: dense d -> d, the MLP's activation (GELU for SwiGLU), a norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
+        self.norm = make_norm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x), approximate=self.approximate))
 
 
 class GPT(nn.Module):
@@ -140,9 +167,12 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
+        # post-norm normalises the embeddings (BERT) and ends on a block's norm; pre-norm ends on a final norm
+        self.ln_emb = make_norm(cfg) if cfg.norm_position == "post" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.ln_f = make_norm(cfg) if cfg.norm_position == "pre" else None
+        self.mlm_head = MaskedLMHead(cfg) if cfg.family == "encoder" else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias and cfg.family == "encoder")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.rotary = Rotary(cfg) if cfg.pos_encoding == "rope" else None
@@ -176,20 +206,28 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 *, attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns the mean cross-entropy (targets of -1 are ignored)
-        if targets are given, else logits (B, T, vocab). attention_mask: (B, T), 0 at left padding.
-        segment_ids: (B, T), one id per document of a packed window (see `model.segments`)."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask,
+        if targets are given, else logits (B, T, vocab). attention_mask: (B, T), 0 at padding.
+        segment_ids: (B, T), one id per document of a packed window (see `model.segments`).
+        A decoder's targets are the next tokens; an encoder's, the original tokens at masked positions."""
+        logits = self.unembed(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask,
                                                  segment_ids=segment_ids))  # (B, T, vocab)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., vocab): the encoder's masked-LM head, then the unembedding."""
+        return self.lm_head(self.mlm_head(h) if self.mlm_head is not None else h)
+
     def hidden_states(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
                       attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-norm output (B, T, C), before the unembedding (decoding unembeds only the last position)."""
+        """The last layer's output (B, T, C), normalised, before the unembedding (decoding unembeds only the
+        last position). For an encoder, attention_mask may mark padding anywhere (0), not only on the left."""
         B, T = idx.shape
         assert segment_ids is None or (kv_cache is None and attention_mask is None), \
             "segment_ids (packed documents) go without a KV cache or padding"
+        assert self.config.causal or (kv_cache is None and segment_ids is None), \
+            "an encoder attends both ways: no KV cache, no packed documents"
         start = kv_cache.pos if kv_cache is not None else 0
         if segment_ids is not None:
             segment_ids = segment_ids.to(idx.device)
@@ -204,12 +242,17 @@ class GPT(nn.Module):
             x = x + self.pos_emb(positions)  # (B|1, T, C)
         elif self.config.pos_encoding == "sinusoidal":
             x = x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)  # (B|1, T, C)
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
         x = self.drop(x)
         if self.slopes is not None and self.slopes.device != idx.device:
             self.slopes = self.slopes.to(idx.device)
         rope = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None
         if segment_ids is not None:
             inputs = self._segment_inputs(segment_ids, rope=rope, dtype=x.dtype)
+        elif not self.config.causal:
+            mask = bidirectional_mask(T=T, key_valid=key_valid, slopes=self.slopes, device=idx.device, dtype=x.dtype)
+            inputs = AttentionInputs(mask=mask, is_causal=False, rope=rope, kv_cache=None)
         else:
             mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes,
                                           device=idx.device, dtype=x.dtype)
@@ -219,7 +262,7 @@ class GPT(nn.Module):
             x = checkpoint(block, x, inputs, use_reentrant=False) if recompute else block(x, inputs)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.ln_f(x)
+        return self.ln_f(x) if self.ln_f is not None else x
 
     def _segment_inputs(self, segment_ids: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None,
                         dtype: torch.dtype) -> AttentionInputs:

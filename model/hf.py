@@ -1,8 +1,10 @@
-"""Hugging Face interchange: export a GPT to a local `GPT2LMHeadModel` or `LlamaForCausalLM` folder, and import one back.
+"""Hugging Face interchange: export a model to a local `GPT2LMHeadModel`, `LlamaForCausalLM`, `BertForMaskedLM`
+or `RobertaForMaskedLM` folder, and import one back.
 
-The family follows from the architecture: learned positions + LayerNorm + GELU
-(+ biases, one KV head per query head) is GPT-2; RoPE + RMSNorm + SwiGLU (any
-number of KV heads) is LLaMA. A folder holds `model.safetensors`, `config.json`,
+The family follows from the architecture: a decoder with learned positions +
+LayerNorm + GELU (+ biases, one KV head per query head) is GPT-2; RoPE + RMSNorm
++ SwiGLU (any number of KV heads) is LLaMA; a post-norm encoder is BERT, or
+RoBERTa when asked (`model.hf_encoder` holds their tensor names). A folder holds `model.safetensors`, `config.json`,
 `generation_config.json` and, when given, `tokenizer.json`. GPT-2's `Conv1D`
 stores weights as (in, out), the transpose of `nn.Linear`; our fused q|k|v and
 gate|up matrices split into LLaMA's separate projections. Our RoPE already uses
@@ -30,13 +32,26 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.gpt import GPT
+from model.hf_encoder import (
+    ENCODER_TYPES,
+    check_exportable,
+    config_from_encoder,
+    encoder_config,
+    from_encoder,
+    to_encoder,
+)
 
 _GELU_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _GELU_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}  # same function up to float error
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """`gpt2` or `llama`, or a ValueError naming the field that fits neither."""
+    """`gpt2`, `llama` or (an encoder) `bert`, or a ValueError naming the field that fits none."""
+    if cfg.family == "encoder":
+        check_exportable(cfg)
+        return "bert"
+    if cfg.norm_position != "pre":
+        raise ValueError("Hugging Face GPT-2/LLaMA export needs ModelConfig.norm_position = 'pre', got 'post'")
     if cfg.pos_encoding == "learned":
         wanted = {"norm": "layernorm", "mlp": ("gelu", "gelu_tanh"), "bias": True, "n_kv_head": cfg.n_head}
         family = "gpt2"
@@ -52,14 +67,20 @@ def hf_family(cfg: ModelConfig) -> str:
 
 
 def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = None, bos_token_id: int | None = None,
-              eos_token_id: int | None = None, pad_token_id: int | None = None) -> Path:
-    """Write `model` as a Hugging Face checkpoint folder; returns the folder."""
+              eos_token_id: int | None = None, pad_token_id: int | None = None, mask_token_id: int | None = None,
+              encoder_type: str = "bert") -> Path:
+    """Write `model` as a Hugging Face checkpoint folder; returns the folder. An encoder is written as
+    `encoder_type` (bert or roberta; RoBERTa needs the pad_token_id its positions count from)."""
     from transformers import GenerationConfig, GPT2Config, LlamaConfig
 
     cfg, folder = model.config, Path(folder)
     family = hf_family(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if family == "bert":
+        return _export_encoder(sd, cfg, folder, encoder_type, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
+                               ids=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id),
+                               mask_token_id=mask_token_id)
     tensors = _to_gpt2(sd, cfg) if family == "gpt2" else _to_llama(sd, cfg)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -70,7 +91,27 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     hf_config.save_pretrained(folder)
     GenerationConfig(**ids).save_pretrained(folder)
     if tokenizer is not None:
-        _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, eos_token_id=eos_token_id)
+        _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, specials={"eos_token": eos_token_id})
+    return folder
+
+
+def _export_encoder(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, encoder_type: str, *,
+                    tokenizer: str | Path | None, dtype: torch.dtype, ids: dict[str, int | None],
+                    mask_token_id: int | None) -> Path:
+    from transformers import BertConfig, RobertaConfig
+
+    if encoder_type not in ENCODER_TYPES:
+        raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
+    tensors = to_encoder(sd, cfg, encoder_type, pad_token_id=ids["pad_token_id"])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    kind = BertConfig if encoder_type == "bert" else RobertaConfig
+    hf_config = kind(**encoder_config(cfg, encoder_type, pad_token_id=ids["pad_token_id"]),
+                     **{k: v for k, v in ids.items() if v is not None}, dtype=str(dtype).removeprefix("torch."))
+    hf_config.architectures = ["BertForMaskedLM" if encoder_type == "bert" else "RobertaForMaskedLM"]
+    hf_config.save_pretrained(folder)
+    if tokenizer is not None:
+        _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len,
+                        specials={"eos_token": ids["eos_token_id"], "pad_token": ids["pad_token_id"], "mask_token": mask_token_id})
     return folder
 
 
@@ -109,24 +150,31 @@ def export_peft_adapter(adapter: dict[str, torch.Tensor], cfg: ModelConfig, fold
 
 
 def read_hf_config(folder: str | Path) -> tuple[ModelConfig, str]:
-    """Our config of a local GPT-2 or LLaMA folder, and its model_type, without reading any tensor."""
+    """Our config of a local GPT-2, LLaMA, BERT or RoBERTa folder, and its model_type, without reading any tensor."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(str(folder / "config.json"))
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     kind = hf.get("model_type")
-    if kind not in ("gpt2", "llama"):
-        raise ValueError(f"{folder / 'config.json'}: model_type {kind!r} is not gpt2 or llama")
+    if kind not in ("gpt2", "llama", *ENCODER_TYPES):
+        raise ValueError(f"{folder / 'config.json'}: model_type {kind!r} is not gpt2, llama, bert or roberta")
+    if kind in ENCODER_TYPES:
+        return config_from_encoder(hf), kind
     return (_config_from_gpt2(hf) if kind == "gpt2" else _config_from_llama(hf)), kind
 
 
 def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT:
-    """A GPT with the weights of a local GPT-2 or LLaMA checkpoint folder (fp32 unless the tensors say otherwise)."""
+    """A model with the weights of a local GPT-2, LLaMA, BERT or RoBERTa checkpoint folder (fp32 unless the
+    tensors say otherwise)."""
     folder = Path(folder)
     cfg, kind = read_hf_config(folder)
     tensors = _read_tensors(folder)
     try:
-        sd = _from_gpt2(tensors, cfg) if kind == "gpt2" else _from_llama(tensors, cfg)
+        if kind in ENCODER_TYPES:
+            pad = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("pad_token_id", 1)
+            sd = from_encoder(tensors, cfg, kind, pad_token_id=pad)
+        else:
+            sd = _from_gpt2(tensors, cfg) if kind == "gpt2" else _from_llama(tensors, cfg)
     except KeyError as e:
         raise ValueError(f"{folder}: missing tensor {e}") from None
     model = GPT(cfg)
@@ -150,20 +198,20 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _copy_tokenizer(path: Path, folder: Path, *, max_len: int, eos_token_id: int | None) -> None:
-    """tokenizer.json (a file, or a folder holding one) plus the tokenizer_config.json that lets AutoTokenizer load it."""
+def _copy_tokenizer(path: Path, folder: Path, *, max_len: int, specials: dict[str, int | None]) -> None:
+    """tokenizer.json (a file, or a folder holding one) plus the tokenizer_config.json that lets AutoTokenizer
+    load it, naming the special tokens given by id ({"eos_token": 0, "mask_token": 2, ...})."""
     source = path / "tokenizer.json" if path.is_dir() else path
     if not source.is_file():
         raise FileNotFoundError(str(source))
     shutil.copyfile(source, folder / "tokenizer.json")
     meta: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
-    if eos_token_id is not None:
+    if any(i is not None for i in specials.values()):
         tok = json.loads(source.read_text(encoding="utf-8"))
         vocab = tok.get("model", {}).get("vocab")
         names = {i: s for s, i in vocab.items()} if isinstance(vocab, dict) else {}
         names.update({t["id"]: t["content"] for t in tok.get("added_tokens", [])})
-        if eos_token_id in names:
-            meta["eos_token"] = names[eos_token_id]
+        meta.update({key: names[i] for key, i in specials.items() if i in names})
     (folder / "tokenizer_config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 

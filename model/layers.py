@@ -129,3 +129,23 @@ def causal_mask(*, start: int, T: int, key_valid: torch.Tensor | None, slopes: t
     # Distances between slots equal distances between positions for real tokens (pads are masked).
     bias = -slopes[:, None, None] * (q_slot - k_slot).clamp(min=0)  # (n_head, T, S)
     return torch.where(allowed, bias.to(dtype), torch.tensor(float("-inf"), dtype=dtype, device=device)), False
+
+
+def bidirectional_mask(*, T: int, key_valid: torch.Tensor | None, slopes: torch.Tensor | None,
+                       device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The attention mask of an encoder: every query sees every real key (no KV cache, so slots 0..T-1).
+
+    None without padding or ALiBi (SDPA's unmasked fused kernels); else a bool mask (B, 1, T, T) where a
+    padding query attends to itself only, or with ALiBi slopes an additive float mask (B|1, n_head, T, T)
+    whose bias falls with the distance either way, -slope * |i - j| (the symmetric ALiBi of encoders).
+    """
+    if key_valid is None and slopes is None:
+        return None
+    slot = torch.arange(T, device=device)
+    allowed = torch.ones(1, 1, T, T, dtype=torch.bool, device=device)
+    if key_valid is not None:
+        allowed = key_valid[:, None, None, :] | (slot[None, :] == slot[:, None])  # (B, 1, T, T)
+    if slopes is None:
+        return allowed
+    bias = -slopes[:, None, None] * (slot[:, None] - slot[None, :]).abs()  # (n_head, T, T)
+    return torch.where(allowed, bias.to(dtype), torch.tensor(float("-inf"), dtype=dtype, device=device))

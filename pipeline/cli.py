@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from model.generation import SamplingOptions
 from pipeline.config import load_config
@@ -32,7 +33,8 @@ from pipeline.engine.store import ArtifactStore
 from pipeline.errors import ConfigError, TargetError, user_cause
 from pipeline.runlogs import latest_log_folder, log_folders
 from pipeline.terminal import Output
-from tokenization.bpe import EOS
+from tokenization.bpe import EOS, PAD
+from tokenization.masking import MASK
 
 # The system refused a file operation for a reason the user fixes (space, quota, permissions, a file where a
 # folder should be): one line, not a traceback.
@@ -109,10 +111,15 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
                    help="prepend each prompt's K best passages from --index, or from the config's index stage")
     g.add_argument("--index", metavar="FOLDER", help="an index stage folder (the store's index/<fingerprint>)")
     g.add_argument("overrides", nargs="*", help="config overrides (key=value) when TARGET is a config")
-    e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2 or LLaMA folder")
+    g.add_argument("--mask-token", default=MASK, help="an encoder: the mask token it fills in the prompts")
+    e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2, LLaMA, BERT or RoBERTa folder")
     e.add_argument("target", help=target)
     e.add_argument("out", help="the folder to write")
     e.add_argument("--eos-token", default=EOS)
+    e.add_argument("--pad-token", default=PAD, help="an encoder: the padding token (RoBERTa numbers positions after it)")
+    e.add_argument("--mask-token", default=MASK, help="an encoder: the mask token")
+    e.add_argument("--encoder-type", choices=("bert", "roberta"), default="bert",
+                   help="an encoder: write BertForMaskedLM (default) or RobertaForMaskedLM")
     e.add_argument("--merge", action="store_true", help="a LoRA model: write the merged weights only (without: the "
                    "base, and the adapter in PEFT's format under OUT/adapter)")
     c = sub.add_parser("compare", help="evaluation metrics of several runs side by side")
@@ -227,6 +234,9 @@ def _workflow(args: argparse.Namespace) -> int:
             out.line("nothing to run: every stage is cached")
         manifests = execute(cfg, items, STAGES, output=out)
         ev = manifests.get("evaluate", {}).get("metrics", {})
+        if "mlm_loss" in ev:
+            out.line(f"validation masked-LM loss {ev['mlm_loss']:.4f} (ppl {ev['mlm_ppl']:.2f}), masked-token accuracy "
+                     f"{ev['mlm_accuracy']:.3f} on {int(ev['masked_tokens'])} masked tokens")
         if "val_loss" in ev:
             out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
                      f"vs unigram {ev['unigram_loss']:.4f}")
@@ -312,6 +322,9 @@ def _generate(args: argparse.Namespace) -> None:
         raise TargetError(f"generate --index: {args.index} is not an index stage folder (no retriever.json)")
     model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(folder / "tokenizer.json")
+    if not model.config.causal:
+        _fill(model, tok, args)
+        return
     retriever = open_retriever(args.index, model, tok) if args.retrieve else None
     rows = complete_with_retrieval(model, tok, retriever, args.prompt, opts, k=args.retrieve, eos_token=args.eos_token,
                                    key="generate --retrieve")
@@ -321,6 +334,22 @@ def _generate(args: argparse.Namespace) -> None:
         for src in r.get("sources", []):
             print(f"    source: passage {src['passage_id']} {src['file']}:{src['line']} (score {src['score']:.3f})")
         print(r["prompt"] + r["completion"])
+
+
+def _fill(model: Any, tok: Any, args: argparse.Namespace) -> None:
+    """`generate` with an encoder: each prompt's masks filled in, with the top-k candidates at each."""
+    from pipeline.completion import fill_masks
+
+    if args.retrieve:
+        raise ConfigError("generate --retrieve: an encoder fills masks; retrieval needs a decoder")
+    try:
+        rows = fill_masks(model, tok, args.prompt, mask_token=args.mask_token, top_k=args.top_k or 5)
+    except ValueError as e:
+        raise ConfigError(f"generate --prompt: {e}") from None
+    for r in rows:
+        print(f"--- prompt {r['prompt']!r}: {r['completion']!r}")
+        for n, at in enumerate(r["predictions"], 1):
+            print(f"    mask {n}: " + ", ".join(f"{c['token']!r} {c['prob']:.3f}" for c in at))
 
 
 def _export_hf(args: argparse.Namespace) -> None:
@@ -338,10 +367,21 @@ def _export_hf(args: argparse.Namespace) -> None:
         family = hf_family(model.config)
     except ValueError as e:
         raise TargetError(f"export-hf: {folder}: {e}") from None
-    eos = load_tokenizer(folder / "tokenizer.json").token_to_id(args.eos_token)
+    tok = load_tokenizer(folder / "tokenizer.json")
+    eos = tok.token_to_id(args.eos_token)
     adapter = None if args.merge else read_adapter(folder)
-    if adapter is None:  # a fully fine-tuned model, or --merge: model.safetensors holds the merged weights
+    if family == "bert":  # an encoder: BERT or RoBERTa, with its padding and mask tokens
+        if adapter is not None:
+            raise TargetError(f"export-hf: {folder}: an encoder's LoRA model is exported merged only: pass --merge")
+        family = args.encoder_type
+        try:
+            export_hf(model, args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos, encoder_type=family,
+                      pad_token_id=tok.token_to_id(args.pad_token), mask_token_id=tok.token_to_id(args.mask_token))
+        except ValueError as e:
+            raise TargetError(f"export-hf: {folder}: {e}") from None
+    elif adapter is None:  # a fully fine-tuned model, or --merge: model.safetensors holds the merged weights
         export_hf(model, args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos)
+    if adapter is None:
         print(f"exported {folder} as a Hugging Face {family} model to {args.out}")
         return
     tensors, meta = adapter

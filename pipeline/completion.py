@@ -14,6 +14,7 @@ temperature, no top-k), scored in one teacher-forced batch.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -100,3 +101,32 @@ def complete(model: GPT, tokenizer: Any, prompts: list[str], opts: SamplingOptio
     return [{"prompt": prompts[p], "sample": s, **opts.table_params(),
              "completion": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
              "log_likelihood": ll, "tokens_per_s": speed} for p, s, new, ll, speed in outs]
+
+
+def fill_masks(model: GPT, tokenizer: Any, prompts: list[str], *, mask_token: str, top_k: int = 5) -> list[dict[str, Any]]:
+    """An encoder's answer to each prompt, one row per prompt in `complete`'s shape: `completion` is the prompt
+    with every mask replaced by its most likely token, `predictions` the top-k tokens with their probabilities
+    at each mask, `log_likelihood` the sum of the log-probabilities of the tokens filled in. A space before the
+    mask belongs to the masked word (RoBERTa's mask token strips it too): "not to <mask>" asks for " be"."""
+    from model.fill_mask import fill_mask
+
+    mask_id = tokenizer.token_to_id(mask_token)
+    if mask_id is None:
+        raise ValueError(f"the tokenizer has no mask token {mask_token!r}")
+    ids = []
+    for n, prompt in enumerate(prompts, 1):
+        if mask_token not in prompt:
+            raise ValueError(f"prompt {n} ({prompt[:40]!r}) has no {mask_token}: an encoder fills masks, it does not continue text")
+        ids.append(tokenizer.encode(prompt.replace(f" {mask_token}", mask_token), add_special_tokens=False).ids)
+    t0 = time.perf_counter()
+    predictions = fill_mask(model, ids, mask_id=mask_id, top_k=top_k)
+    speed = sum(len(p) for p in predictions) / max(time.perf_counter() - t0, 1e-9)
+    rows = []
+    for prompt, toks, preds in zip(prompts, ids, predictions):
+        best = iter([p[0].token_id for p in preds])
+        filled = [next(best) if t == mask_id else t for t in toks]
+        rows.append({"prompt": prompt, "sample": 0, "top_k": top_k, "completion": tokenizer.decode(filled, skip_special_tokens=False),
+                     "predictions": [[{"token": tokenizer.decode([c.token_id]), "prob": c.prob} for c in at] for at in preds],
+                     "new_tokens": len(preds), "log_likelihood": sum(math.log(max(p[0].prob, 1e-45)) for p in preds),
+                     "tokens_per_s": speed})
+    return rows

@@ -38,6 +38,7 @@ from model.rag import RetrieveOptions
 from model.scoring import EvalOptions
 from tokenization.bpe import EOS, SPECIAL_TOKENS
 from tokenization.documents import DocOptions
+from tokenization.masking import MaskingOptions
 
 
 def _nf(default: Any, description: str, **kw: Any) -> Any:
@@ -218,6 +219,8 @@ class TrainConfig(_Section):
     packing: Literal["stream", "documents"] = Field("stream", description="stream: windows cut from the concatenated documents attend across document boundaries; documents: each token attends only within its own document (block-diagonal causal mask) and positions restart at each document start; evaluation scores the same way.")
     init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
     lora: LoraOptions | None = Field(None, description="Train LoRA adapters on a frozen base instead of every weight (usually with init_from); default: full fine-tuning.")
+    objective: Literal["causal_lm", "masked_lm"] | None = Field(None, description="What the model learns to predict: causal_lm (the next token; decoders) or masked_lm (the original tokens at masked positions; encoders). Default: the model family's.")
+    masking: MaskingOptions = Field(default_factory=MaskingOptions, description="masked_lm: how windows are corrupted (rate, mask token, 80/10/10 split, dynamic or static masks).")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
     eval_tokens: int = Field(32768, ge=1, description="Validation tokens scored each time.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON merged last (escape hatch; batch sizes must still agree).")
@@ -387,7 +390,31 @@ class Config(_Section):
             )
         if t.warmup_steps > t.steps:
             raise ValueError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+        self._family_checks()
         return self
+
+    def _family_checks(self) -> None:
+        """What an encoder cannot do, and the objective each family trains on, before any work."""
+        family, objective = self.model.family, self.objective
+        wanted = {"decoder": "causal_lm", "encoder": "masked_lm"}[family]
+        if objective != wanted:
+            raise ValueError(f"train.objective {objective} needs model.family "
+                             f"{'encoder' if objective == 'masked_lm' else 'decoder'}, got {family}")
+        masking = self.train.masking
+        if objective == "masked_lm" and self.tokenizer.path is None and masking.mask_token not in self.tokenizer.special_tokens:
+            raise ValueError(f"train.masking.mask_token {masking.mask_token!r} is not in tokenizer.special_tokens "
+                             f"{self.tokenizer.special_tokens}: add it there")
+        if family == "encoder":
+            for key, on in (("train.packing: documents", self.train.packing == "documents"),
+                            ("decode.retrieve", self.decode.retrieve is not None),
+                            ("evaluate.retrieve", self.evaluate.retrieve is not None), ("tasks", self.tasks is not None)):
+                if on:
+                    raise ValueError(f"{key} needs a decoder (model.family: decoder); an encoder model has no next-token scores")
+
+    @property
+    def objective(self) -> str:
+        """train.objective, or the model family's own when unset."""
+        return self.train.objective or {"decoder": "causal_lm", "encoder": "masked_lm"}[self.model.family]
 
     @property
     def train_seq_len(self) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 from model.generation import SamplingOptions
 from pipeline.artifacts import MODEL_FILES
 from pipeline.cluster.resources import task_options
+from pipeline.completion import fill_masks
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
@@ -42,6 +43,8 @@ from pipeline.rag import (
     read_questions,
 )
 from pipeline.schema import Config, DecodeConfig
+from tokenization.inputs import InputError
+from tokenization.masking import MASK
 
 
 def read_prompts(d: DecodeConfig) -> list[str]:
@@ -109,9 +112,10 @@ def decode_samples(model_dir: str, *, prompts: list[str], opts: SamplingOptions,
 
 def decode_all(model_dir: str, *, prompts: list[str], opts: SamplingOptions, eos_token: str,
                index_dir: str | None = None, retrieve: int | None = None,
-               questions: list[dict[str, str]] | None = None) -> dict[str, Any]:
+               questions: list[dict[str, str]] | None = None, mask_token: str = MASK) -> dict[str, Any]:
     """The stage's work without Ray: {"samples": `decode_samples`'s rows; "facts": the facts check's rows and
-    metrics, when questions are given}."""
+    metrics, when questions are given}. An encoder fills the prompts' `mask_token`s instead (top_k candidates,
+    5 when unset)."""
     import torch
 
     from model import load_model
@@ -119,6 +123,11 @@ def decode_all(model_dir: str, *, prompts: list[str], opts: SamplingOptions, eos
 
     model, _ = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(f"{model_dir}/tokenizer.json")
+    if not model.config.causal:
+        try:
+            return {"samples": fill_masks(model, tok, prompts, mask_token=mask_token, top_k=opts.top_k or 5)}
+        except ValueError as e:
+            raise InputError(f"decode.prompts: {e}") from None
     retriever = open_retriever(index_dir, model, tok) if index_dir and retrieve else None
     out: dict[str, Any] = {"samples": complete_with_retrieval(model, tok, retriever, prompts, opts, k=retrieve,
                                                               eos_token=eos_token, key="decode.retrieve")}
@@ -134,9 +143,17 @@ def write_samples(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     text = "\n\n".join(f"## prompt {r['prompt']!r} (sample {r['sample']}, log-likelihood {r['log_likelihood']:.2f})"
-                       f"\n\n{r['prompt']}{r['completion']}" for r in rows)
+                       f"\n\n{r['prompt']}{r['completion']}" if "predictions" not in r else _filled_md(r) for r in rows)
     (out_dir / "samples.md").write_text(text + "\n", encoding="utf-8")
     return out_dir / "samples.jsonl", out_dir / "samples.md"
+
+
+def _filled_md(r: dict[str, Any]) -> str:
+    """An encoder's row: the prompt, the prompt filled in, and the candidates at each mask."""
+    lines = [f"## prompt {r['prompt']!r} (log-likelihood {r['log_likelihood']:.2f})", "", r["completion"], ""]
+    for n, at in enumerate(r["predictions"], 1):
+        lines.append(f"- mask {n}: " + ", ".join(f"{c['token']!r} {c['prob']:.3f}" for c in at))
+    return "\n".join(lines)
 
 
 def _decode_task(train: StageRef, index: StageRef | None = None, **kw: Any) -> dict[str, Any]:
@@ -165,17 +182,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     if index is not None:  # a k the index cannot serve fails here, before the model is loaded
         check_k(json.loads(index.file("index.json").read_text())["passages"], d.retrieve, "decode.retrieve")
     questions = read_questions(d.qa_file) if d.qa_file else None
-    ctx.progress.update(status=f"{len(prompts)} prompt(s) x {d.num_samples} sample(s) of {d.max_new_tokens} tokens"
-                               f"{f', {d.retrieve} passages each' if d.retrieve else ''}"
-                               f"{f', {len(questions)} facts questions' if questions else ''} (one Ray task)")
+    if ctx.config.model.family == "encoder":
+        ctx.progress.update(status=f"{len(prompts)} prompt(s): masks filled, top {d.top_k or 5} each (one Ray task)")
+    else:
+        ctx.progress.update(status=f"{len(prompts)} prompt(s) x {d.num_samples} sample(s) of {d.max_new_tokens} tokens"
+                                   f"{f', {d.retrieve} passages each' if d.retrieve else ''}"
+                                   f"{f', {len(questions)} facts questions' if questions else ''} (one Ray task)")
     out = ray.get(task.remote(ctx.inputs["train"].ref, index.ref if index else None, prompts=prompts,
                               opts=d.sampling_options(), eos_token=ctx.config.tokenizer.eos_token, retrieve=d.retrieve,
-                              questions=questions))
+                              questions=questions, mask_token=ctx.config.train.masking.mask_token))
     rows = out["samples"]
     _, md = write_samples(rows, ctx.out_dir)
     # MLflow tables want one type per cell: the sources as JSON text there, a list in samples.jsonl
-    ctx.tracker.log_table(ctx.run_id, [{**r, "sources": json.dumps(r["sources"])} if "sources" in r else r for r in rows],
-                          "samples.json")
+    ctx.tracker.log_table(ctx.run_id, [{**r, **{k: json.dumps(r[k]) for k in ("sources", "predictions") if k in r}}
+                                       for r in rows], "samples.json")
     ctx.tracker.log_artifact(ctx.run_id, md)
     new_tokens = sum(r["new_tokens"] for r in rows)
     metrics = {"samples": float(len(rows)), "mean_new_tokens": new_tokens / len(rows),

@@ -40,6 +40,7 @@ from typing import Any
 from pipeline.errors import TrackingError
 from pipeline.tracking.outbox import PENDING, Call, Outbox, fail_fast_http, short_cause
 from pipeline.tracking.redact import redact
+from tokenization.masking import MASK
 
 _MAX_PARAM_LEN = 6000
 _KIND_TAG = "mlflow.experimentKind"
@@ -188,14 +189,14 @@ class Tracker(Outbox):
         self._submit(Call(run_id, "artifact", send=lambda rid: self.client.log_text(rid, text, artifact_file)))
 
     def log_model(self, run_id: str, model_dir: str | Path, *, eos_token: str, registered_name: str | None = None,
-                  index_dir: str | Path | None = None, retrieve: int | None = None) -> None:
+                  index_dir: str | Path | None = None, retrieve: int | None = None, mask_token: str = MASK) -> None:
         """Log a train folder as a servable pyfunc model (`pipeline.tracking.models`), with an index folder one that
-        retrieves, and tag its URI as `model_uri`."""
+        retrieves, and tag its URI as `model_uri`. An encoder's model fills `mask_token`s."""
         def send(rid: str) -> None:
             from pipeline.tracking.models import log_generation_model
 
             uri = log_generation_model(self.tracking_uri, rid, Path(model_dir), eos_token=eos_token,
-                                       registered_name=registered_name, retrieve=retrieve,
+                                       registered_name=registered_name, retrieve=retrieve, mask_token=mask_token,
                                        index_dir=Path(index_dir) if index_dir is not None else None)
             self.client.set_tag(rid, "model_uri", uri)
 
@@ -242,7 +243,7 @@ class NullTracker:
     def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None: ...
     def log_model(self, run_id: str, model_dir: str | Path, *, eos_token: str, registered_name: str | None = None,
-                  index_dir: str | Path | None = None, retrieve: int | None = None) -> None: ...
+                  index_dir: str | Path | None = None, retrieve: int | None = None, mask_token: str = MASK) -> None: ...
     def end(self, run_id: str, status: str = "FINISHED") -> None: ...
     def close(self) -> str | None: ...
 

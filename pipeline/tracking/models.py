@@ -8,7 +8,10 @@ per row. Logged with an `index` stage folder (by `decode`, when it retrieves),
 the model also retrieves: each prompt gets its top-k passages in front (an
 optional `retrieve` column sets k per row, 0 for none; by default the k decode
 used), and each row's prediction is `{"completion": ..., "sources": [...]}`
-with the passages it cited. It is logged as MLflow's *models from code*: the
+with the passages it cited. An encoder's model fills masks instead: each `prompt`
+holds the mask token, and each row's prediction is `{"completion": the prompt
+filled in, "predictions": the top-k tokens with probabilities at each mask}`.
+It is logged as MLflow's *models from code*: the
 logged model holds the file `served_model.py`, which MLflow runs to build a `GenerationModel`, so loading
 or serving it unpickles nothing. A request may ask for at most
 `max_new_tokens_limit` new tokens per row (set when it is logged; by default the
@@ -37,6 +40,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.artifacts import MODEL_FILES
 from tokenization.bpe import EOS
+from tokenization.masking import MASK
 
 _REPO = Path(__file__).resolve().parents[2]
 _MODEL_CODE = Path(__file__).with_name("served_model.py")  # what MLflow runs to build the served model
@@ -79,6 +83,8 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         if "prompt" not in df.columns:
             raise MlflowException.invalid_parameter_value(f"input needs a 'prompt' column, got {list(df.columns)}")
         s = self.settings
+        if not self.model.config.causal:
+            return self._fill(df)
         groups: dict[tuple[int, float, int], list[int]] = {}  # rows with the same options decode as one batch
         for i, row in enumerate(df.to_dict("records")):
             key = self._row_options(i, row)
@@ -93,6 +99,17 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
                 out[i] = r["completion"] if self.retriever is None else {"completion": r["completion"],
                                                                           "sources": r.get("sources", [])}
         return out
+
+    def _fill(self, df: pd.DataFrame) -> list[dict[str, Any]]:
+        """An encoder's answer: each prompt's masks filled in, with the top-k candidates at each."""
+        from pipeline.completion import fill_masks
+
+        try:
+            rows = fill_masks(self.model, self.tokenizer, [str(p) for p in df["prompt"]],
+                              mask_token=self.settings["mask_token"], top_k=int(self.settings["top_k"] or 5))
+        except ValueError as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        return [{"completion": r["completion"], "predictions": r["predictions"]} for r in rows]
 
     def _row_options(self, i: int, row: dict[str, Any]) -> tuple[int, float, int]:
         """(max_new_tokens, temperature, retrieve) of row i, the settings where it leaves one out; refused out of
@@ -144,20 +161,23 @@ def _signature(*, retrieves: bool = False) -> Any:
 
 def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, registered_name: str | None = None,
                          eos_token: str = EOS, max_new_tokens_limit: int | None = None,
-                         index_dir: Path | None = None, retrieve: int | None = None) -> str:
+                         index_dir: Path | None = None, retrieve: int | None = None, mask_token: str = MASK) -> str:
     """Log the model in `model_dir` (a train folder) to the existing run `run_id` as a pyfunc model named "model";
     register it as `registered_name` when given. Returns the model URI (`models:/<name>/<version>` when registered).
     A request may ask for at most `max_new_tokens_limit` new tokens per row (default: the model's context).
     With `index_dir` (an `index` stage folder) the model carries the index and retrieves `retrieve` passages per
-    prompt by default. The run keeps its status: a RUNNING run (a stage still in progress) is left RUNNING."""
+    prompt by default. An encoder's model fills `mask_token`s. The run keeps its status: a RUNNING run (a stage
+    still in progress) is left RUNNING."""
     from mlflow.tracking import MlflowClient
 
     model_dir = Path(model_dir)
     missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir}: missing {', '.join(missing)}")
+    model_config = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["model_config"]
+    encoder = model_config.get("family", "decoder") == "encoder"
     if max_new_tokens_limit is None:
-        max_new_tokens_limit = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["model_config"]["max_seq_len"]
+        max_new_tokens_limit = model_config["max_seq_len"]
     if max_new_tokens_limit < 1:
         raise ValueError(f"max_new_tokens_limit must be >= 1, got {max_new_tokens_limit}")
     artifacts = {f: str(model_dir / f) for f in MODEL_FILES}
@@ -165,14 +185,17 @@ def log_generation_model(tracking_uri: str, run_id: str, model_dir: Path, *, reg
     if index_dir is not None:
         artifacts["index"] = str(index_dir)
         settings["retrieve"] = int(retrieve or 1)
+    if encoder:
+        settings["mask_token"] = mask_token
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
     with _fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(_MODEL_CODE), artifacts=artifacts,
             code_paths=[str(_REPO / "model"), str(_REPO / "tokenization"), str(_REPO / "pipeline")],
-            signature=_signature(retrieves=index_dir is not None),
-            input_example={"prompt": ["\n"], "max_new_tokens": [1]},  # also checks at logging time that it predicts
+            signature=_signature(retrieves=index_dir is not None or encoder),
+            # also checks at logging time that it predicts
+            input_example={"prompt": [mask_token]} if encoder else {"prompt": ["\n"], "max_new_tokens": [1]},
             model_config=settings, pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas",
                                                      *(("pyarrow", "bm25s", "faiss-cpu") if index_dir else ())])
     uri = info.model_uri

@@ -37,6 +37,7 @@ from pipeline.cluster.resources import train_scaling
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import ConfigError, TrainingError, UserError, user_cause
 from pipeline.fingerprints import as_dict, fingerprint_view
+from pipeline.masked_lm import masking_ids
 from pipeline.schema import Config
 from pipeline.stages.train.checkpoints import check_resume_layout, verify_checkpoint
 from pipeline.stages.train.hardware import TrainHardware, resolve_hardware
@@ -57,6 +58,7 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
 
 # Train fields added after models were trained without them, with the value that reproduces those models.
 _LATER_DEFAULTS = {"packing": "stream", "compile": False, "lora": None}  # lora None: full fine-tuning
+_MODEL_LATER_DEFAULTS = {"family": "decoder", "norm_position": "pre"}  # the model every config meant before families
 
 
 def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
@@ -67,12 +69,20 @@ def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
             del train[key]
     if not cfg.train.compile:
         train.pop("compile_backend", None)  # read only when compiling
+    if train.get("objective") in (None, cfg.objective):  # the family's own objective: the family says it
+        train.pop("objective", None)
+    if cfg.objective != "masked_lm":
+        train.pop("masking", None)  # read only by masked-LM training
     if cfg.train.lora is not None:
         check_lora_targets(cfg)
     if cfg.train.init_from:  # the weights' identity, not just their path
         train["init_from"] = init_identity(cfg.train.init_from)
     mixture = {"mixture": cfg.data.mixture()} if cfg.data.sources else {}  # what training draws (prepare ignores it)
-    return {"model": fingerprint_view(cfg.model), "train": train, **mixture}
+    model = fingerprint_view(cfg.model)
+    for key, default in _MODEL_LATER_DEFAULTS.items():
+        if model.get(key) == default:
+            del model[key]
+    return {"model": model, "train": train, **mixture}
 
 
 def _section(cfg: Config) -> dict[str, Any]:
@@ -136,6 +146,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "tracking_uri": ctx.tracker.tracking_uri,
         "run_id": ctx.tracker.worker_run_id(ctx.run_id),  # None while MLflow is down and the run not yet made
         "mixture": cfg.data.mixture(),
+        "masking": masking_ids(cfg, tok.file("tokenizer.json")),
         "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
                  "prepare_fingerprint": ctx.inputs["prepare"].fingerprint, "train_fingerprint": ctx.fingerprint},
     }
@@ -168,7 +179,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "model.json")
     if t.log_model:  # servable with `mlflow models serve -m <uri> --env-manager local`; tagged `model_uri`
         ctx.tracker.log_model(ctx.run_id, ctx.out_dir, eos_token=cfg.tokenizer.eos_token,
-                              registered_name=t.registered_model_name)
+                              registered_name=t.registered_model_name, mask_token=t.masking.mask_token)
     # from the final checkpoint, not from this run's last report: a run resumed from the final checkpoint trained nothing
     metrics = json.loads((ctx.out_dir / STATE).read_text()).get("metrics", {})
     final = {k.removeprefix("train/"): float(v) for k, v in metrics.items()

@@ -49,6 +49,7 @@ from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
 from tokenization.dataset import TokenWindows, sample_indices
+from tokenization.masking import Masker, MaskingOptions
 from tokenization.mixture import mixture_indices
 from tokenization.shards import shard_paths
 
@@ -70,6 +71,7 @@ class WorkerConfig:
     run_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # provenance written into model.json
     mixture: dict[str, float] = field(default_factory=dict)  # {source: weight} of a data mixture; empty: one corpus
+    masking: dict[str, Any] | None = None  # masked LM: the tokenizer's {"mask_id", "special_ids"}; None: causal LM
     progress: Any = None  # the driver's progress sink (a Ray actor); without one rank 0 prints its progress line
 
 
@@ -194,12 +196,21 @@ def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int,
     return int(state["step"]), attempt, state.get("metrics", {})
 
 
+def _masker(cfg: WorkerConfig) -> Masker | None:
+    """Masked LM's corruption, from the train section's options and the tokenizer's ids the driver looked up."""
+    if cfg.masking is None:
+        return None
+    return Masker(MaskingOptions(**cfg.train["masking"]), mask_id=cfg.masking["mask_id"],
+                  special_ids=tuple(cfg.masking["special_ids"]), vocab_size=cfg.model["vocab_size"], seed=cfg.train["seed"])
+
+
 def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, gas: int, device: torch.device,
-              step: int) -> torch.Tensor:
+              step: int, masker: Masker | None) -> torch.Tensor:
     """Forward/backward over the accumulation micro-batches; returns this rank's summed loss."""
     loss_sum = torch.zeros((), device=device)
+    draw = masker.draw_for(step) if masker is not None else 0
     for m in range(gas):
-        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device)
+        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device, masker=masker, draw=draw)
         if faults.triggered("train.nan", step + 1):
             loss = loss * float("nan")
         engine.backward(loss)
@@ -230,6 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     data = TokenWindows(cfg.train_shards, cfg.seq_len, documents=documents)
     draw = _sampler(cfg, data, per_source, rank=rank, world=world)
     val = TokenWindows(cfg.val_shards, cfg.seq_len, documents=documents) if t.get("eval_every") and cfg.val_shards else None
+    masker = _masker(cfg)
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
     rates = _Rates(cfg, device, world)
     steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
@@ -242,7 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = draw(step)
-        loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step)
+        loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step, masker=masker)
         torch.distributed.all_reduce(loss_sum)
         loss_avg = loss_sum.item() / (gas * world)
         done = step + 1
@@ -256,7 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             last |= costs.metrics()
         if val is not None and (done % t["eval_every"] == 0 or done == steps):
             last["train/val_loss"] = validation_loss(engine, val, rank=rank, world=world, max_tokens=t["eval_tokens"],
-                                                     micro=micro, device=device)
+                                                     micro=micro, device=device, masker=masker)
         if done % t["log_every"] == 0 or done == steps or step == start_step:
             logger.log_metrics(last, step=done)
             report_progress(cfg.progress, rank, done, steps, last, time.perf_counter() - t_start, start_step)
@@ -374,8 +386,10 @@ def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: str, hw: 
     """Refuse to resume from a checkpoint of another model, data-parallel layout, precision or device kind,
     naming both values."""
     world = torch.distributed.get_world_size()
-    if state.get("model", cfg.model) != cfg.model:
-        diff = {k: (state["model"].get(k), v) for k, v in cfg.model.items() if state["model"].get(k) != v}
+    # through ModelConfig: a checkpoint written before a field existed holds it at its default
+    theirs = ModelConfig(**state["model"]).to_dict() if "model" in state else cfg.model
+    if theirs != ModelConfig(**cfg.model).to_dict():
+        diff = {k: (theirs.get(k), v) for k, v in ModelConfig(**cfg.model).to_dict().items() if theirs.get(k) != v}
         raise TrainingError(f"train: checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
     check_same_layout(state, world, where)
     check_same_hardware(state, hw["precision"], hw["device"], where)
