@@ -1,4 +1,4 @@
-"""Pure PyTorch: the decoder-only transformer, KV-cache generation and sampling options, scoring (loss, bits per byte, the length sweep), safetensors model folders and Hugging Face export/import.
+"""Pure PyTorch: the transformer (decoder, encoder, encoder-decoder), KV-cache generation and sampling options, scoring (loss, bits per byte, the length sweep), safetensors model folders and Hugging Face export/import.
 
 The names below are imported when first used (PEP 562), so a module of this package that needs no torch
 (`model.retrieval` for BM25, `model.config`) is imported without it: a Ray task that only builds or searches a
@@ -15,10 +15,12 @@ _EXPORTS = {
     "beam_search": "model.generation", "generate": "model.generation", "generate_batch": "model.generation",
     "GPT": "model.gpt", "export_hf": "model.hf", "import_hf": "model.hf", "KVCache": "model.kv_cache",
     "PRESETS": "model.presets", "preset": "model.presets",
-    "load_model": "model.weights", "save_model": "model.weights", "state_dict_for_save": "model.weights",
+    "EncoderDecoder": "model.seq2seq", "build_model": "model.weights", "load_model": "model.weights",
+    "save_model": "model.weights", "state_dict_for_save": "model.weights",
 }
-__all__ = ["GPT", "KVCache", "ModelConfig", "PRESETS", "beam_search", "export_hf", "flops_per_token", "generate",
-           "generate_batch", "import_hf", "load_model", "param_count", "preset", "save_model", "state_dict_for_save"]
+__all__ = ["EncoderDecoder", "GPT", "KVCache", "ModelConfig", "PRESETS", "beam_search", "build_model", "export_hf",
+           "flops_per_token", "generate", "generate_batch", "import_hf", "load_model", "param_count", "preset",
+           "save_model", "state_dict_for_save"]
 
 if TYPE_CHECKING:
     from model.config import ModelConfig, flops_per_token, param_count
@@ -27,7 +29,8 @@ if TYPE_CHECKING:
     from model.hf import export_hf, import_hf
     from model.kv_cache import KVCache
     from model.presets import PRESETS, preset
-    from model.weights import load_model, save_model, state_dict_for_save
+    from model.seq2seq import EncoderDecoder
+    from model.weights import build_model, load_model, save_model, state_dict_for_save
 
 
 def __getattr__(name: str) -> Any:

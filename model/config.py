@@ -16,11 +16,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none", "t5")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_tanh", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "relu", "geglu")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
-FAMILIES = ("decoder", "encoder")
+FAMILIES = ("decoder", "encoder", "encoder-decoder")
+GATED_MLPS = ("swiglu", "geglu")
 NORM_POSITIONS = ("pre", "post")
 
 
@@ -38,12 +39,14 @@ class ModelConfig:
 
     vocab_size: int | None = None
     """Vocabulary size; in a pipeline config it comes from the tokenizer, never from this section."""
-    family: Literal["decoder", "encoder"] = "decoder"
-    """decoder: causal self-attention and a next-token head (GPT, LLaMA); encoder: bidirectional self-attention and a masked-LM head, a dense layer + norm before the unembedding (BERT, RoBERTa)."""
+    family: Literal["decoder", "encoder", "encoder-decoder"] = "decoder"
+    """decoder: causal self-attention and a next-token head (GPT, LLaMA); encoder: bidirectional self-attention and a masked-LM head, a dense layer + norm before the unembedding (BERT, RoBERTa); encoder-decoder: an encoder stack and a decoder stack whose blocks also attend to the encoder's output (T5)."""
     norm_position: Literal["pre", "post"] = "pre"
     """pre: a norm before each sub-layer and one at the end (GPT-2, LLaMA); post: a norm after each residual addition and one over the embeddings, none at the end (the original paper's sub-layers, BERT's embeddings)."""
     n_layer: int = 4
-    """Transformer blocks."""
+    """Transformer blocks (an encoder-decoder: the encoder's)."""
+    n_decoder_layer: int | None = None
+    """encoder-decoder: the decoder's blocks (default n_layer)."""
     n_head: int = 4
     """Attention (query) heads."""
     n_kv_head: int | None = None
@@ -54,8 +57,14 @@ class ModelConfig:
     """MLP hidden width (default 4 * d_model; about 8/3 * d_model for SwiGLU, rounded up to a multiple of 64)."""
     max_seq_len: int = 256
     """Training context; the size of a learned position table."""
-    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
-    """Positional encoding (all but learned can score windows longer than max_seq_len)."""
+    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none", "t5"] = "learned"
+    """Positional encoding (all but learned can score windows longer than max_seq_len); t5: T5's bucketed relative position bias, one table per stack shared by its layers (encoder-decoder only, for now)."""
+    rel_buckets: int = 32
+    """t5: relative-position buckets (half exact, half logarithmic; an encoder's split by direction)."""
+    rel_max_distance: int = 128
+    """t5: distances from here on share the last bucket."""
+    scale_attention: bool = True
+    """Divide attention scores by sqrt(head_dim); T5 does not (its initialisation absorbs the scale)."""
     rope_theta: float = 10000.0
     """RoPE base wavelength."""
     rope_scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
@@ -66,8 +75,8 @@ class ModelConfig:
     """The context the RoPE was first trained at (YaRN's reference; default max_seq_len)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalisation."""
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
-    """MLP activation: exact GELU, GPT-2's tanh approximation, or LLaMA's SwiGLU."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu", "geglu"] = "gelu"
+    """MLP activation: exact GELU, GPT-2's tanh approximation, LLaMA's SwiGLU, ReLU (T5), or GEGLU (T5 v1.1's gated tanh-GELU)."""
     tie_embeddings: bool = True
     """Share the token embedding with the unembedding."""
     dropout: float = 0.0
@@ -104,10 +113,18 @@ class ModelConfig:
         _check(self.norm_eps > 0 and self.init_std > 0, "norm_eps/init_std", f"must be > 0, got {self.norm_eps}/{self.init_std}")
         if self.pos_encoding == "rope":
             _check(self.head_dim % 2 == 0, "d_model", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
+        _check(self.n_decoder_layer >= 1, "n_decoder_layer", f"must be >= 1, got {self.n_decoder_layer}")
+        _check(self.rel_buckets >= 2 and self.rel_max_distance >= 1, "rel_buckets",
+               f"rel_buckets must be >= 2 and rel_max_distance >= 1, got {self.rel_buckets}, {self.rel_max_distance}")
+        _check((self.pos_encoding == "t5") == (self.family == "encoder-decoder"), "pos_encoding",
+               f"an encoder-decoder takes pos_encoding 't5' and only it takes that (for now): got "
+               f"{self.pos_encoding!r} with family {self.family!r}")
         if self.d_ff is None:
             # SwiGLU has three matrices instead of two: 8/3 * d keeps the MLP's parameters at ~8 d^2 (LLaMA),
             # rounded up to a multiple of 64 for friendly matmul shapes.
-            self.d_ff = 4 * self.d_model if self.mlp != "swiglu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+            self.d_ff = 4 * self.d_model if self.mlp not in GATED_MLPS else 64 * math.ceil(8 * self.d_model / 3 / 64)
         _check(self.d_ff >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
 
     @property
@@ -135,9 +152,13 @@ def param_count(cfg: ModelConfig) -> int:
     b = int(cfg.bias)
     qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * hd
     attn = d * qkv_out + b * qkv_out + cfg.n_head * hd * d + b * d
-    up = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+    up = 2 * cfg.d_ff if cfg.mlp in GATED_MLPS else cfg.d_ff
     mlp = d * up + b * up + cfg.d_ff * d + b * d
     total = cfg.vocab_size * d + cfg.n_layer * (2 * norm + attn + mlp) + norm
+    if cfg.family == "encoder-decoder":  # the decoder: self-attention, cross-attention, MLP, three norms; two bias tables
+        cross = d * cfg.n_head * hd + b * cfg.n_head * hd + d * 2 * cfg.n_kv_head * hd + b * 2 * cfg.n_kv_head * hd \
+            + cfg.n_head * hd * d + b * d
+        total += cfg.n_decoder_layer * (3 * norm + attn + cross + mlp) + norm + 2 * cfg.rel_buckets * cfg.n_head
     total += cfg.max_seq_len * d if cfg.pos_encoding == "learned" else 0
     total += 0 if cfg.tie_embeddings else cfg.vocab_size * d
     if cfg.family == "encoder":  # the masked-LM head: dense d -> d, a norm, and a bias on the unembedding

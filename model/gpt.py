@@ -18,7 +18,7 @@ attention mask (causal or bidirectional) and the head. Architecture choices
   packed windows of several documents (`segment_ids`) attend block-diagonally,
   positions restarting at each document (`model.segments`; FlexAttention on GPU);
   encoder: every position attends to every real token (padding masked out), no KV cache;
-- MLP: GELU (exact or tanh) or SwiGLU; optional biases; dropout;
+- MLP: GELU (exact or tanh), ReLU, SwiGLU or GEGLU; optional biases; dropout;
 - unembedding tied to the token embedding or a separate matrix; the encoder's masked-LM head puts a
   dense layer, its activation and a norm before it and a bias after it (BERT's); softmax inside the
   cross-entropy for training (targets of -1, e.g. unmasked positions, are ignored), in the sampler
@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig, flops_per_token
+from model.config import GATED_MLPS, ModelConfig, flops_per_token
 from model.kv_cache import KVCache
 from model.layers import (
     Rotary,
@@ -83,6 +83,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
+        self.scale = None if cfg.scale_attention else 1.0  # None: SDPA's 1 / sqrt(head_dim)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         B, T, C = x.shape
@@ -104,7 +105,7 @@ class SelfAttention(nn.Module):
                 gqa = {"enable_gqa": True}
             else:
                 k, v = (t.repeat_interleave(self.n_head // kv, dim=1) for t in (k, v))  # (B, n_head, S, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0, **gqa)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, n_head * head_dim)
         return F.dropout(self.proj(y), self.dropout, self.training)
@@ -115,15 +116,17 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         # SwiGLU's gate and up projections share one matmul: rows [gate | up].
-        self.fc = nn.Linear(cfg.d_model, (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.d_model, (2 if cfg.mlp in GATED_MLPS else 1) * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        if self.kind == "swiglu":
+        if self.kind in GATED_MLPS:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+        elif self.kind == "relu":
+            h = F.relu(h)
         else:
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return F.dropout(self.proj(h), self.dropout, self.training)

@@ -4,7 +4,8 @@ or `RobertaForMaskedLM` folder, and import one back.
 The family follows from the architecture: a decoder with learned positions +
 LayerNorm + GELU (+ biases, one KV head per query head) is GPT-2; RoPE + RMSNorm
 + SwiGLU (any number of KV heads) is LLaMA; a post-norm encoder is BERT, or
-RoBERTa when asked (`model.hf_encoder` holds their tensor names). A folder holds `model.safetensors`, `config.json`,
+RoBERTa when asked (`model.hf_encoder` holds their tensor names); an
+encoder-decoder is T5 (`model.hf_t5`). A folder holds `model.safetensors`, `config.json`,
 `generation_config.json` and, when given, `tokenizer.json`. GPT-2's `Conv1D`
 stores weights as (in, out), the transpose of `nn.Linear`; our fused q|k|v and
 gate|up matrices split into LLaMA's separate projections. Our RoPE already uses
@@ -40,16 +41,22 @@ from model.hf_encoder import (
     from_encoder,
     to_encoder,
 )
+from model.hf_t5 import check_t5_exportable, config_from_t5, from_t5, t5_config, to_t5
+from model.seq2seq import EncoderDecoder
+from model.weights import build_model
 
 _GELU_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _GELU_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}  # same function up to float error
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """`gpt2`, `llama` or (an encoder) `bert`, or a ValueError naming the field that fits none."""
+    """`gpt2`, `llama`, (an encoder) `bert` or `t5`, or a ValueError naming the field that fits none."""
     if cfg.family == "encoder":
         check_exportable(cfg)
         return "bert"
+    if cfg.family == "encoder-decoder":
+        check_t5_exportable(cfg)
+        return "t5"
     if cfg.norm_position != "pre":
         raise ValueError("Hugging Face GPT-2/LLaMA export needs ModelConfig.norm_position = 'pre', got 'post'")
     if cfg.pos_encoding == "learned":
@@ -77,6 +84,9 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     family = hf_family(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if family == "t5":
+        return _export_t5(sd, cfg, folder, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
+                          ids=dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id))
     if family == "bert":
         return _export_encoder(sd, cfg, folder, encoder_type, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
                                ids=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id),
@@ -92,6 +102,23 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     GenerationConfig(**ids).save_pretrained(folder)
     if tokenizer is not None:
         _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, specials={"eos_token": eos_token_id})
+    return folder
+
+
+def _export_t5(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, *, tokenizer: str | Path | None,
+               dtype: torch.dtype, ids: dict[str, int | None]) -> Path:
+    from transformers import GenerationConfig, T5Config
+
+    if ids["pad_token_id"] is None:
+        raise ValueError("T5 export needs a pad_token_id (T5's decoder starts from it)")
+    save_file({k: v.contiguous() for k, v in to_t5(sd, cfg).items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = T5Config(**t5_config(cfg), **ids, decoder_start_token_id=ids["pad_token_id"], dtype=str(dtype).removeprefix("torch."))
+    hf_config.architectures = ["T5ForConditionalGeneration"]
+    hf_config.save_pretrained(folder)
+    GenerationConfig(**ids, decoder_start_token_id=ids["pad_token_id"]).save_pretrained(folder)
+    if tokenizer is not None:
+        _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len,
+                        specials={"eos_token": ids["eos_token_id"], "pad_token": ids["pad_token_id"]})
     return folder
 
 
@@ -156,14 +183,16 @@ def read_hf_config(folder: str | Path) -> tuple[ModelConfig, str]:
         raise FileNotFoundError(str(folder / "config.json"))
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     kind = hf.get("model_type")
-    if kind not in ("gpt2", "llama", *ENCODER_TYPES):
-        raise ValueError(f"{folder / 'config.json'}: model_type {kind!r} is not gpt2, llama, bert or roberta")
+    if kind not in ("gpt2", "llama", "t5", *ENCODER_TYPES):
+        raise ValueError(f"{folder / 'config.json'}: model_type {kind!r} is not gpt2, llama, bert, roberta or t5")
     if kind in ENCODER_TYPES:
         return config_from_encoder(hf), kind
+    if kind == "t5":
+        return config_from_t5(hf), kind
     return (_config_from_gpt2(hf) if kind == "gpt2" else _config_from_llama(hf)), kind
 
 
-def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT:
+def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT | EncoderDecoder:
     """A model with the weights of a local GPT-2, LLaMA, BERT or RoBERTa checkpoint folder (fp32 unless the
     tensors say otherwise)."""
     folder = Path(folder)
@@ -173,11 +202,13 @@ def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT:
         if kind in ENCODER_TYPES:
             pad = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("pad_token_id", 1)
             sd = from_encoder(tensors, cfg, kind, pad_token_id=pad)
+        elif kind == "t5":
+            sd = from_t5(tensors, cfg)
         else:
             sd = _from_gpt2(tensors, cfg) if kind == "gpt2" else _from_llama(tensors, cfg)
     except KeyError as e:
         raise ValueError(f"{folder}: missing tensor {e}") from None
-    model = GPT(cfg)
+    model = build_model(cfg)
     model.to(next(iter(sd.values())).dtype)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     if missing := sorted(expected - set(sd)):

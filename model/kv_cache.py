@@ -28,6 +28,9 @@ class KVCache:
         self.pos = 0
         self.key_valid: torch.Tensor | None = None  # (B, max_len) bool, once some row has padding
         self.seen: torch.Tensor | None = None  # (B,) real tokens per row so far, once some row has padding
+        # other per-row tensors (batch first) that follow the rows when they are dropped or reordered: an
+        # encoder-decoder's cross-attention keys and values and its source mask (`model.seq2seq`)
+        self.batch_state: dict[str, torch.Tensor] = {}
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, *, batch_size: int, max_len: int) -> KVCache:
@@ -75,3 +78,4 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
         if self.key_valid is not None:
             self.key_valid, self.seen = self.key_valid.index_select(0, rows), self.seen.index_select(0, rows)
+        self.batch_state = {name: t.index_select(0, rows) for name, t in self.batch_state.items()}

@@ -9,7 +9,7 @@ SwiGLU, no biases, a separate unembedding, the 32k LLaMA vocabulary); the
 BERT and RoBERTa entries are the base encoders as released (post-norm, learned
 positions, exact GELU, the masked-LM head tied to the embeddings; RoBERTa's
 512 positions exclude the two its table keeps before the first token);
-`demo` is the model of `configs/demo.yaml`.
+`t5-small` is T5's (Raffel et al.); `demo` is the model of `configs/demo.yaml`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-160m": {**_LLAMA, "n_layer": 12, "n_head": 12, "d_model": 768, "d_ff": 3072, "max_seq_len": 2048},
     "bert-base": {**_BERT, "vocab_size": 30522, "norm_eps": 1e-12},  # 110M
     "roberta-base": {**_BERT, "vocab_size": 50265, "norm_eps": 1e-5},  # 125M
+    # T5's own: relative position bias (32 buckets up to 128), RMSNorm, no biases, unscaled attention, ReLU, tied
+    "t5-small": dict(vocab_size=32128, family="encoder-decoder", pos_encoding="t5", n_layer=6, n_head=8, d_model=512,
+                     d_ff=2048, max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, bias=False, mlp="relu",
+                     scale_attention=False, tie_embeddings=True),  # 60M
     "demo": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=128, max_seq_len=128, pos_encoding="learned",
                  norm="layernorm", mlp="gelu", tie_embeddings=True),
 }

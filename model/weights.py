@@ -18,11 +18,17 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.gpt import GPT
+from model.seq2seq import EncoderDecoder
 
 WEIGHTS, META = "model.safetensors", "model.json"
 
 
-def state_dict_for_save(model: GPT) -> dict[str, torch.Tensor]:
+def build_model(cfg: ModelConfig) -> GPT | EncoderDecoder:
+    """The model a config describes: `EncoderDecoder` for the encoder-decoder family, else `GPT`."""
+    return EncoderDecoder(cfg) if cfg.family == "encoder-decoder" else GPT(cfg)
+
+
+def state_dict_for_save(model: GPT | EncoderDecoder) -> dict[str, torch.Tensor]:
     """The state dict, less a tied unembedding (safetensors refuses shared storage; loading re-ties it)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -37,14 +43,14 @@ def save_model(folder: str | Path, state_dict: dict[str, torch.Tensor], config: 
     (folder / META).write_text(json.dumps({"model_config": config.to_dict(), **meta}, indent=2, default=str), encoding="utf-8")
 
 
-def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[GPT | EncoderDecoder, dict[str, Any]]:
     folder = Path(folder)
     for name in (WEIGHTS, META):
         if not (folder / name).is_file():
             raise FileNotFoundError(str(folder / name))
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
     config = ModelConfig(**meta["model_config"])
-    model = GPT(config)
+    model = build_model(config)
     try:
         tensors = load_file(str(folder / WEIGHTS), device=str(device))
     except SafetensorError as e:  # e.g. a pickle under this name: refused, never unpickled
