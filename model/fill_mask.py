@@ -25,7 +25,7 @@ class Prediction:
 def fill_mask(model: GPT, prompts: list[list[int]], *, mask_id: int, top_k: int = 5,
               batch_size: int = 16) -> list[list[list[Prediction]]]:
     """For each prompt, for each of its mask positions (left to right), the `top_k` most likely tokens."""
-    assert not model.config.causal, "fill-mask needs an encoder (ModelConfig.family = 'encoder')"
+    assert model.config.family == "encoder", "fill-mask needs an encoder (ModelConfig.family = 'encoder')"
     assert top_k >= 1, f"top_k must be >= 1, got {top_k}"
     for i, p in enumerate(prompts):
         assert p and model.supports_length(len(p)), f"prompt {i} has {len(p)} tokens; the model takes 1..{model.config.max_seq_len}"

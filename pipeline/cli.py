@@ -112,11 +112,12 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--index", metavar="FOLDER", help="an index stage folder (the store's index/<fingerprint>)")
     g.add_argument("overrides", nargs="*", help="config overrides (key=value) when TARGET is a config")
     g.add_argument("--mask-token", default=MASK, help="an encoder: the mask token it fills in the prompts")
-    e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2, LLaMA, BERT or RoBERTa folder")
+    e = sub.add_parser("export-hf", help="write a trained model as a Hugging Face GPT-2, LLaMA, BERT, RoBERTa or T5 folder")
     e.add_argument("target", help=target)
     e.add_argument("out", help="the folder to write")
     e.add_argument("--eos-token", default=EOS)
-    e.add_argument("--pad-token", default=PAD, help="an encoder: the padding token (RoBERTa numbers positions after it)")
+    e.add_argument("--pad-token", default=PAD, help="an encoder or encoder-decoder: the padding token (RoBERTa numbers "
+                   "positions after it; T5's decoder starts from it)")
     e.add_argument("--mask-token", default=MASK, help="an encoder: the mask token")
     e.add_argument("--encoder-type", choices=("bert", "roberta"), default="bert",
                    help="an encoder: write BertForMaskedLM (default) or RobertaForMaskedLM")
@@ -234,9 +235,10 @@ def _workflow(args: argparse.Namespace) -> int:
             out.line("nothing to run: every stage is cached")
         manifests = execute(cfg, items, STAGES, output=out)
         ev = manifests.get("evaluate", {}).get("metrics", {})
-        if "mlm_loss" in ev:
-            out.line(f"validation masked-LM loss {ev['mlm_loss']:.4f} (ppl {ev['mlm_ppl']:.2f}), masked-token accuracy "
-                     f"{ev['mlm_accuracy']:.3f} on {int(ev['masked_tokens'])} masked tokens")
+        for m, what in (("mlm", "masked"), ("span", "span")):
+            if f"{m}_loss" in ev:
+                out.line(f"validation {what} loss {ev[f'{m}_loss']:.4f} (ppl {ev[f'{m}_ppl']:.2f}), {what}-token accuracy "
+                         f"{ev[f'{m}_accuracy']:.3f} on {int(ev[f'{m}_tokens'])} {what} tokens")
         if "val_loss" in ev:
             out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
                      f"vs unigram {ev['unigram_loss']:.4f}")
@@ -296,6 +298,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     from model import load_model
     from pipeline.artifacts import committed_dirs
+    from pipeline.completion import transduce
     from pipeline.rag import complete_with_retrieval, open_retriever
     from pipeline.tracking.lookup import resolve_model_dir
     from tokenization.bpe import load_tokenizer
@@ -322,18 +325,23 @@ def _generate(args: argparse.Namespace) -> None:
         raise TargetError(f"generate --index: {args.index} is not an index stage folder (no retriever.json)")
     model, _ = load_model(folder, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(folder / "tokenizer.json")
-    if not model.config.causal:
+    if model.config.family == "encoder":
         _fill(model, tok, args)
         return
-    retriever = open_retriever(args.index, model, tok) if args.retrieve else None
-    rows = complete_with_retrieval(model, tok, retriever, args.prompt, opts, k=args.retrieve, eos_token=args.eos_token,
-                                   key="generate --retrieve")
+    if model.config.family == "encoder-decoder":
+        if args.retrieve:
+            raise ConfigError("generate --retrieve: retrieval needs a decoder")
+        rows = transduce(model, tok, args.prompt, opts, eos_token=args.eos_token)
+    else:
+        retriever = open_retriever(args.index, model, tok) if args.retrieve else None
+        rows = complete_with_retrieval(model, tok, retriever, args.prompt, opts, k=args.retrieve,
+                                       eos_token=args.eos_token, key="generate --retrieve")
     for r in rows:
         print(f"--- prompt {r['prompt']!r}, sample {r['sample']}: {r['new_tokens']} tokens, "
               f"log-likelihood {r['log_likelihood']:.2f}, {r['tokens_per_s']:.0f} tokens/s")
         for src in r.get("sources", []):
             print(f"    source: passage {src['passage_id']} {src['file']}:{src['line']} (score {src['score']:.3f})")
-        print(r["prompt"] + r["completion"])
+        print(r["prompt"] + r["completion"] if model.config.family == "decoder" else f"{r['prompt']}\n=> {r['completion']}")
 
 
 def _fill(model: Any, tok: Any, args: argparse.Namespace) -> None:
@@ -379,6 +387,11 @@ def _export_hf(args: argparse.Namespace) -> None:
                       pad_token_id=tok.token_to_id(args.pad_token), mask_token_id=tok.token_to_id(args.mask_token))
         except ValueError as e:
             raise TargetError(f"export-hf: {folder}: {e}") from None
+    elif family == "t5":  # T5's decoder starts from the padding token
+        if adapter is not None:
+            raise TargetError(f"export-hf: {folder}: an encoder-decoder's LoRA model is exported merged only: pass --merge")
+        export_hf(model, args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos,
+                  pad_token_id=tok.token_to_id(args.pad_token))
     elif adapter is None:  # a fully fine-tuned model, or --merge: model.safetensors holds the merged weights
         export_hf(model, args.out, tokenizer=folder / "tokenizer.json", eos_token_id=eos)
     if adapter is None:

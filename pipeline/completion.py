@@ -22,7 +22,7 @@ import torch
 
 from model import GPT, beam_search, generate_batch
 from model.generation import SamplingOptions, left_pad, row_seed
-from tokenization.bpe import EOS
+from tokenization.bpe import EOS, PAD
 
 
 def fit_prompt(model: GPT, ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
@@ -130,3 +130,57 @@ def fill_masks(model: GPT, tokenizer: Any, prompts: list[str], *, mask_token: st
                      "new_tokens": len(preds), "log_likelihood": sum(math.log(max(p[0].prob, 1e-45)) for p in preds),
                      "tokens_per_s": speed})
     return rows
+
+
+@torch.inference_mode()
+def target_logprobs(model: Any, sources: list[list[int]], targets: list[list[int]], *, start_id: int) -> list[float]:
+    """An encoder-decoder's sum of log p(target token | source, earlier target tokens) per row."""
+    device = next(model.parameters()).device
+    out = []
+    for src, tgt in zip(sources, targets):
+        if not tgt:
+            out.append(0.0)
+            continue
+        logits = model(torch.tensor([src], device=device), torch.tensor([[start_id, *tgt[:-1]]], device=device))
+        logp = torch.log_softmax(logits[0].float(), dim=-1)  # (T, vocab)
+        out.append(float(logp.gather(1, torch.tensor(tgt, device=device)[:, None]).sum()))
+    return out
+
+
+def transduce(model: Any, tokenizer: Any, prompts: list[str], opts: SamplingOptions, *, eos_token: str = EOS,
+              start_token: str = PAD) -> list[dict[str, Any]]:
+    """An encoder-decoder's answer to each prompt, in `complete`'s rows: the prompt (with the end token, as in
+    training) is the source, encoded once; the decoder starts from `start_token` (T5: the padding token) and
+    samples or beam-searches the target, which may hold sentinel tokens (span corruption's answers name them)."""
+    from model.seq2seq import conditioned
+
+    eos, start = tokenizer.token_to_id(eos_token), tokenizer.token_to_id(start_token)
+    if start is None:
+        raise ValueError(f"the tokenizer has no {start_token!r} to start the decoder from")
+    stops = {eos} if eos is not None else None
+    sources = [tokenizer.encode(p, add_special_tokens=False).ids + ([eos] if eos is not None else []) for p in prompts]
+    outs: list[Out] = []
+    if opts.num_beams > 1:
+        for p, src in enumerate(sources):
+            t0 = time.perf_counter()
+            beams = beam_search(conditioned(model, [src]), [start], num_beams=opts.num_beams, max_new_tokens=opts.max_new_tokens,
+                                length_penalty=opts.length_penalty, stop_tokens=stops, num_return_sequences=opts.num_samples)
+            speed = sum(len(b) for b in beams) / (time.perf_counter() - t0)
+            lls = target_logprobs(model, [src] * len(beams), beams, start_id=start)
+            outs += [(p, s, b, ll, speed) for s, (b, ll) in enumerate(zip(beams, lls))]
+    else:
+        pairs = [(p, s) for p in range(len(sources)) for s in range(opts.num_samples)]
+        for i in range(0, len(pairs), opts.batch_size):
+            chunk = pairs[i : i + opts.batch_size]
+            t0 = time.perf_counter()
+            new = generate_batch(conditioned(model, [sources[p] for p, _ in chunk]), [[start]] * len(chunk),
+                                 max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                                 top_p=opts.top_p, repetition_penalty=opts.repetition_penalty, stop_tokens=stops,
+                                 seed=None if opts.seed is None else [row_seed(opts.seed, p, s) for p, s in chunk])
+            speed = sum(len(n) for n in new) / (time.perf_counter() - t0)
+            lls = target_logprobs(model, [sources[p] for p, _ in chunk], new, start_id=start)
+            outs += [(p, s, n, ll, speed) for (p, s), n, ll in zip(chunk, new, lls)]
+    return [{"prompt": prompts[p], "sample": s, **opts.table_params(),  # the end and start tokens are no text
+             "completion": tokenizer.decode([t for t in new if t not in (eos, start)], skip_special_tokens=False),
+             "new_tokens": len(new),
+             "log_likelihood": ll, "tokens_per_s": speed} for p, s, new, ll, speed in outs]

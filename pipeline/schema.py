@@ -39,6 +39,7 @@ from model.scoring import EvalOptions
 from tokenization.bpe import EOS, SPECIAL_TOKENS
 from tokenization.documents import DocOptions
 from tokenization.masking import MaskingOptions
+from tokenization.spans import SpanOptions
 
 
 def _nf(default: Any, description: str, **kw: Any) -> Any:
@@ -175,6 +176,7 @@ class TokenizerConfig(_Section):
     special_tokens: list[str] = Field(SPECIAL_TOKENS, min_length=1, description="Special tokens, added first.")
     eos_token: str = Field(EOS, description="The token that ends a document (must be a special token).")
     path: str | None = Field(None, description="Load this tokenizer.json (or a local Hugging Face tokenizer folder) instead of training one.")
+    sentinels: int = Field(0, ge=0, le=1000, description="Add this many sentinel tokens <|sentinel_0|>, <|sentinel_1|>, ... after special_tokens: span corruption (T5) marks each dropped span of a window with one, so a window needs as many as it has spans.")
 
     @model_validator(mode="after")
     def _eos_is_special(self) -> TokenizerConfig:
@@ -219,8 +221,9 @@ class TrainConfig(_Section):
     packing: Literal["stream", "documents"] = Field("stream", description="stream: windows cut from the concatenated documents attend across document boundaries; documents: each token attends only within its own document (block-diagonal causal mask) and positions restart at each document start; evaluation scores the same way.")
     init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
     lora: LoraOptions | None = Field(None, description="Train LoRA adapters on a frozen base instead of every weight (usually with init_from); default: full fine-tuning.")
-    objective: Literal["causal_lm", "masked_lm"] | None = Field(None, description="What the model learns to predict: causal_lm (the next token; decoders) or masked_lm (the original tokens at masked positions; encoders). Default: the model family's.")
+    objective: Literal["causal_lm", "masked_lm", "span_corruption"] | None = Field(None, description="What the model learns to predict: causal_lm (the next token; decoders), masked_lm (the original tokens at masked positions; encoders) or span_corruption (the spans dropped from the source, each behind its sentinel; encoder-decoders). Default: the model family's.")
     masking: MaskingOptions = Field(default_factory=MaskingOptions, description="masked_lm: how windows are corrupted (rate, mask token, 80/10/10 split, dynamic or static masks).")
+    spans: SpanOptions = Field(default_factory=SpanOptions, description="span_corruption: how windows are corrupted (noise density, mean span length, dynamic or static).")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
     eval_tokens: int = Field(32768, ge=1, description="Validation tokens scored each time.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON merged last (escape hatch; batch sizes must still agree).")
@@ -337,6 +340,9 @@ class TrackingConfig(_Section):
         return value
 
 
+_OBJECTIVES = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder-decoder": "span_corruption"}  # each family's own
+
+
 class Config(_Section):
     name: str = Field(..., min_length=1, description="Experiment name, one folder name (the store keeps `_runs/<name>.json`); also the MLflow experiment.")
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -395,30 +401,32 @@ class Config(_Section):
 
     def _family_checks(self) -> None:
         """What an encoder cannot do, and the objective each family trains on, before any work."""
-        family = self.model.family
-        if family == "encoder-decoder":
-            raise ValueError("model.family encoder-decoder: the pipeline does not train encoder-decoders yet (the model, "
-                             "its decoding and T5 interchange are in model/seq2seq.py); use decoder or encoder")
-        objective = self.objective
-        wanted = {"decoder": "causal_lm", "encoder": "masked_lm"}[family]
-        if objective != wanted:
-            raise ValueError(f"train.objective {objective} needs model.family "
-                             f"{'encoder' if objective == 'masked_lm' else 'decoder'}, got {family}")
+        family, objective = self.model.family, self.objective
+        if objective != _OBJECTIVES[family]:
+            needs = next(f for f, o in _OBJECTIVES.items() if o == objective)
+            raise ValueError(f"train.objective {objective} needs model.family {needs}, got {family}")
+        if objective == "span_corruption" and self.tokenizer.path is None:
+            _, spans = self.train.spans.shape(self.train_seq_len)
+            if spans > self.tokenizer.sentinels:
+                raise ValueError(f"tokenizer.sentinels: a window of {self.train_seq_len} tokens has {spans} spans with "
+                                 f"train.spans, so span corruption needs at least {spans} sentinel tokens, got "
+                                 f"{self.tokenizer.sentinels}")
         masking = self.train.masking
         if objective == "masked_lm" and self.tokenizer.path is None and masking.mask_token not in self.tokenizer.special_tokens:
             raise ValueError(f"train.masking.mask_token {masking.mask_token!r} is not in tokenizer.special_tokens "
                              f"{self.tokenizer.special_tokens}: add it there")
-        if family == "encoder":
+        if family != "decoder":
             for key, on in (("train.packing: documents", self.train.packing == "documents"),
                             ("decode.retrieve", self.decode.retrieve is not None),
                             ("evaluate.retrieve", self.evaluate.retrieve is not None), ("tasks", self.tasks is not None)):
                 if on:
-                    raise ValueError(f"{key} needs a decoder (model.family: decoder); an encoder model has no next-token scores")
+                    raise ValueError(f"{key} needs a decoder (model.family: decoder); an {family} model has no "
+                                     "next-token scores over one stream")
 
     @property
     def objective(self) -> str:
         """train.objective, or the model family's own when unset."""
-        return self.train.objective or {"decoder": "causal_lm", "encoder": "masked_lm"}.get(self.model.family, "causal_lm")
+        return self.train.objective or _OBJECTIVES[self.model.family]
 
     @property
     def train_seq_len(self) -> int:

@@ -251,13 +251,13 @@ def test_masked_lm_trains_evaluates_fills_masks_and_exports_to_transformers(corp
     (tmp_path / "bert.yaml").write_text(yaml.safe_dump(raw))
     assert cli.main(["run", str(tmp_path / "bert.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "validation masked-LM loss" in out and "masked-token accuracy" in out
+    assert "validation masked loss" in out and "masked-token accuracy" in out
 
     store = tmp_path / "store"
     (ev,) = [p for p in (store / "evaluate").iterdir() if (p / "_COMPLETE.json").exists()]
     result = json.loads((ev / "eval.json").read_text())
     m = result["metrics"]
-    assert 0 < m["mlm_loss"] < np.log(300) and 0 <= m["mlm_accuracy"] <= 1 and m["masked_tokens"] > 50
+    assert 0 < m["mlm_loss"] < np.log(300) and 0 <= m["mlm_accuracy"] <= 1 and m["mlm_tokens"] > 50
     assert [r["supported"] for r in result["lengths"]] == [True, True, False]  # a learned table stops at 32
     assert (ev / "masked_lm.png").stat().st_size > 0
 
@@ -301,7 +301,7 @@ def test_a_masked_lm_run_resumed_from_a_checkpoint_trains_exactly_as_an_uninterr
                                        max_seq_len=16).model_config_fields(), "vocab_size": 64},
               "train": TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2,
                                    log_every=1, zero_stage=1, lr=1e-2).model_dump(mode="json"),
-              "seq_len": 16, "train_shards": [path], "masking": {"mask_id": 0, "special_ids": [0, 1]}}
+              "seq_len": 16, "train_shards": [path], "objective": {"kind": "masked_lm", "mask_id": 0, "special_ids": [0, 1]}}
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     whole.mkdir(), resumed.mkdir()
     (reference,) = _train_ranks(config, 1, whole)

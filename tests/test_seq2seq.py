@@ -3,12 +3,17 @@ equal to transformers' T5, and decoding that runs the encoder and the cross-atte
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from model import EncoderDecoder, ModelConfig, export_hf, import_hf, param_count
 from model.generation import beam_search, generate_batch
 from model.seq2seq import CrossAttention, conditioned, relative_buckets
+from tokenization.spans import SpanCorrupter, SpanOptions
 
 
 def t5(**kw) -> ModelConfig:
@@ -102,15 +107,125 @@ def test_batched_cached_decoding_equals_each_source_alone_without_a_cache(monkey
         assert alone[0] == together[i]
 
 
-def test_a_pipeline_config_with_an_encoder_decoder_is_refused_in_one_line(corpus_dir, tmp_path, capsys):
-    import yaml
+# --- span corruption ------------------------------------------------------------------
 
-    from pipeline import cli
+def corrupter(**kw) -> SpanCorrupter:
+    return SpanCorrupter(SpanOptions(**kw), sentinel_ids=tuple(range(200, 232)), eos_id=0, start_id=1, seed=3)
+
+
+def restore(src: np.ndarray, tgt: np.ndarray) -> list[int]:
+    """The window back from a source and its target: each sentinel in the source replaced by its span."""
+    spans, current = {}, None
+    for t in tgt[:-1].tolist():  # the target: sentinel, span tokens, sentinel, ..., eos
+        if t >= 200:
+            current = spans.setdefault(t, [])
+        else:
+            current.append(t)
+    return [x for t in src[:-1].tolist() for x in (spans[t] if t >= 200 else [t])]
+
+
+@pytest.mark.parametrize("L", [2, 16, 128, 509])
+def test_a_source_and_its_target_hold_the_window_exactly_with_lengths_from_the_window_length(L):
+    c = corrupter()
+    tokens = np.random.default_rng(L).integers(2, 190, (3, L))
+    src, tgt_in, tgt = c.model_inputs(tokens, np.array([4, 9, 11]), draw=2)
+    assert (src.shape[1], tgt.shape[1]) == c.opts.lengths(L)
+    assert (src[:, -1] == 0).all() and (tgt[:, -1] == 0).all() and (tgt_in[:, 0] == 1).all()
+    assert np.array_equal(tgt_in[:, 1:], tgt[:, :-1])
+    for row in range(3):
+        assert restore(src[row], tgt[row]) == tokens[row].tolist()
+    noise, spans = c.opts.shape(L)
+    assert (tgt >= 200).sum(axis=1).tolist() == [spans] * 3 and tgt.shape[1] - spans - 1 == noise
+
+
+def test_span_corruption_drops_the_noise_density_in_spans_of_the_mean_length_and_redraws_per_draw():
+    c = corrupter()
+    masks = np.stack([c.noise_mask(128, w, 1) for w in range(300)])
+    assert masks.sum(axis=1).tolist() == [19] * 300  # round(128 x 0.15)
+    starts = (masks[:, 1:] & ~masks[:, :-1]).sum() + masks[:, 0].sum()
+    assert starts == 300 * 6  # round(19 / 3) spans per window
+    assert np.array_equal(c.noise_mask(128, 7, 1), masks[7])  # a pure function of (seed, draw, window)
+    assert not np.array_equal(c.noise_mask(128, 7, 2), masks[7])
+    assert corrupter(dynamic=False).draw_for(9) == 0 and c.draw_for(9) == 10
+
+
+def test_a_window_with_more_spans_than_sentinels_is_refused_naming_the_key():
+    c = SpanCorrupter(SpanOptions(), sentinel_ids=(200, 201), eos_id=0, start_id=1, seed=0)
+    with pytest.raises(ValueError, match="tokenizer.sentinels"):
+        c.model_inputs(np.zeros((1, 128), np.int64), np.array([0]), draw=0)
+
+
+# --- the pipeline ------------------------------------------------------------------------
+
+def raw_t5(corpus_dir, root, **train) -> dict:
     from tests.conftest import tiny_raw
 
-    raw = tiny_raw(corpus_dir, tmp_path / "store")
-    raw["model"].update(family="encoder-decoder", pos_encoding="t5")
+    raw = tiny_raw(corpus_dir, root, train={"max_failures": 0, **train})
+    raw["tokenizer"]["sentinels"] = 8
+    raw["model"].update(family="encoder-decoder", pos_encoding="t5", norm="rmsnorm", bias=False, mlp="relu",
+                        scale_attention=False, n_decoder_layer=2)
+    raw["decode"] = {"prompts": ["KING:\nThe king<|sentinel_0|> the queen."], "max_new_tokens": 6, "temperature": 0.0,
+                     "num_beams": 2}
+    return raw
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda r: r["tokenizer"].update(sentinels=1), "tokenizer.sentinels"),  # 32 tokens: 2 spans
+    (lambda r: r["train"].update(objective="masked_lm"), "train.objective masked_lm needs model.family encoder"),
+    (lambda r: r["decode"].update(retrieve=2), "decode.retrieve needs a decoder"),
+    (lambda r: r["model"].update(pos_encoding="rope"), "pos_encoding"),
+])
+def test_what_an_encoder_decoder_cannot_do_is_one_line_before_any_work(change, key, corpus_dir, tmp_path, capsys):
+    from pipeline import cli
+
+    raw = raw_t5(corpus_dir, tmp_path / "store")
+    change(raw)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     assert cli.main(["run", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "model.family encoder-decoder" in err[0]
+    assert len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "store").exists()
+
+
+def test_sentinels_enter_the_tokenizer_fingerprint_only_when_asked_for(tiny_config):
+    from pipeline.stages.tokenizer import STAGE, special_tokens
+
+    plain, with_sentinels = tiny_config(), tiny_config(tokenizer={"sentinels": 3})
+    assert "sentinels" not in STAGE.section(plain)["tokenizer"]
+    assert STAGE.section(with_sentinels)["tokenizer"]["sentinels"] == 3
+    assert special_tokens(with_sentinels)[-3:] == ["<|sentinel_0|>", "<|sentinel_1|>", "<|sentinel_2|>"]
+
+
+@pytest.mark.slow
+def test_span_corruption_trains_evaluates_answers_and_exports_to_transformers(corpus_dir, tmp_path, tracking_uri,
+                                                                               ray_local, capsys):
+    from transformers import T5ForConditionalGeneration
+
+    from model import load_model
+    from pipeline import cli
+    from tokenization.bpe import load_tokenizer
+
+    raw = raw_t5(corpus_dir, tmp_path / "store", steps=8, checkpoint_every=4, zero_stage=2, lr=3e-3)
+    (tmp_path / "t5.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["run", str(tmp_path / "t5.yaml")]) == 0
+    assert "validation span loss" in capsys.readouterr().out
+    store = tmp_path / "store"
+    committed = {stage: next(p for p in (store / stage).iterdir() if (p / "_COMPLETE.json").exists())
+                 for stage in ("train", "evaluate", "decode")}
+    result = json.loads((committed["evaluate"] / "eval.json").read_text())
+    m = result["metrics"]
+    assert 0 < m["span_loss"] < np.log(300) and m["span_tokens"] > 20
+    assert [r["supported"] for r in result["lengths"]] == [True, True, True]  # relative positions: any length
+    (row,) = [json.loads(line) for line in (committed["decode"] / "samples.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "hf"
+    assert cli.main(["export-hf", str(committed["train"]), str(out)]) == 0
+    theirs = T5ForConditionalGeneration.from_pretrained(out).eval()
+    tok = load_tokenizer(committed["train"] / "tokenizer.json")
+    src = torch.tensor([tok.encode(raw["decode"]["prompts"][0]).ids + [tok.token_to_id("<|endoftext|>")]])
+    with torch.no_grad():
+        beams = theirs.generate(input_ids=src, num_beams=2, max_new_tokens=6, do_sample=False, min_length=0)[0, 1:]
+    shown = [t for t in beams.tolist() if t not in (tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>"))]
+    assert tok.decode(shown, skip_special_tokens=False) == row["completion"]  # decode's beam search = transformers'
+    ours, _ = load_model(committed["train"])
+    assert type(ours).__name__ == "EncoderDecoder"

@@ -64,6 +64,7 @@ class Masker:
     special_ids: tuple[int, ...]
     vocab_size: int
     seed: int
+    metric: str = "mlm"  # evaluate's metric names: mlm_loss, mlm_accuracy
 
     def __post_init__(self) -> None:
         assert self.mask_id in self.special_ids, f"the mask token {self.mask_id} must be a special token"
@@ -74,6 +75,13 @@ class Masker:
     def draw_for(self, step: int) -> int:
         """The `draw` of training step `step`: step + 1 when masking is dynamic, else 0."""
         return step + 1 if self.opts.dynamic else 0
+
+    def check_length(self, L: int) -> None:
+        """Any window length masks (the interface span corruption shares)."""
+
+    def model_inputs(self, tokens: np.ndarray, windows: np.ndarray, *, draw: int) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's (inputs, targets) of these windows: `apply`."""
+        return self.apply(tokens, windows, draw=draw)
 
     def apply(self, tokens: np.ndarray, windows: np.ndarray, *, draw: int) -> tuple[np.ndarray, np.ndarray]:
         """tokens: (B, T) int64, the windows `windows` (B,) -> (inputs, targets), both (B, T) int64."""

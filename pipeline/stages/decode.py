@@ -30,7 +30,7 @@ from typing import Any
 from model.generation import SamplingOptions
 from pipeline.artifacts import MODEL_FILES
 from pipeline.cluster.resources import task_options
-from pipeline.completion import fill_masks
+from pipeline.completion import fill_masks, transduce
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
@@ -115,7 +115,7 @@ def decode_all(model_dir: str, *, prompts: list[str], opts: SamplingOptions, eos
                questions: list[dict[str, str]] | None = None, mask_token: str = MASK) -> dict[str, Any]:
     """The stage's work without Ray: {"samples": `decode_samples`'s rows; "facts": the facts check's rows and
     metrics, when questions are given}. An encoder fills the prompts' `mask_token`s instead (top_k candidates,
-    5 when unset)."""
+    5 when unset); an encoder-decoder answers each prompt as its source (`transduce`)."""
     import torch
 
     from model import load_model
@@ -123,11 +123,13 @@ def decode_all(model_dir: str, *, prompts: list[str], opts: SamplingOptions, eos
 
     model, _ = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(f"{model_dir}/tokenizer.json")
-    if not model.config.causal:
-        try:
+    try:
+        if model.config.family == "encoder":
             return {"samples": fill_masks(model, tok, prompts, mask_token=mask_token, top_k=opts.top_k or 5)}
-        except ValueError as e:
-            raise InputError(f"decode.prompts: {e}") from None
+        if model.config.family == "encoder-decoder":
+            return {"samples": transduce(model, tok, prompts, opts, eos_token=eos_token)}
+    except ValueError as e:
+        raise InputError(f"decode.prompts: {e}") from None
     retriever = open_retriever(index_dir, model, tok) if index_dir and retrieve else None
     out: dict[str, Any] = {"samples": complete_with_retrieval(model, tok, retriever, prompts, opts, k=retrieve,
                                                               eos_token=eos_token, key="decode.retrieve")}
@@ -137,13 +139,15 @@ def decode_all(model_dir: str, *, prompts: list[str], opts: SamplingOptions, eos
     return out
 
 
-def write_samples(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
-    """samples.jsonl (one row per line) and samples.md (each prompt followed by its completion)."""
+def write_samples(rows: list[dict[str, Any]], out_dir: Path, *, answers: bool = False) -> tuple[Path, Path]:
+    """samples.jsonl (one row per line) and samples.md (each prompt followed by its completion, or with `answers`
+    (an encoder-decoder) by its answer on a line of its own)."""
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     text = "\n\n".join(f"## prompt {r['prompt']!r} (sample {r['sample']}, log-likelihood {r['log_likelihood']:.2f})"
-                       f"\n\n{r['prompt']}{r['completion']}" if "predictions" not in r else _filled_md(r) for r in rows)
+                       f"\n\n{r['prompt']}{chr(10) + '=> ' if answers else ''}{r['completion']}"
+                       if "predictions" not in r else _filled_md(r) for r in rows)
     (out_dir / "samples.md").write_text(text + "\n", encoding="utf-8")
     return out_dir / "samples.jsonl", out_dir / "samples.md"
 
@@ -192,7 +196,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                               opts=d.sampling_options(), eos_token=ctx.config.tokenizer.eos_token, retrieve=d.retrieve,
                               questions=questions, mask_token=ctx.config.train.masking.mask_token))
     rows = out["samples"]
-    _, md = write_samples(rows, ctx.out_dir)
+    _, md = write_samples(rows, ctx.out_dir, answers=ctx.config.model.family == "encoder-decoder")
     # MLflow tables want one type per cell: the sources as JSON text there, a list in samples.jsonl
     ctx.tracker.log_table(ctx.run_id, [{**r, **{k: json.dumps(r[k]) for k in ("sources", "predictions") if k in r}}
                                        for r in rows], "samples.json")

@@ -34,12 +34,11 @@ from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
 from pipeline.fingerprints import as_dict, fingerprint_view
-from pipeline.masked_lm import masked_sweep, masker_for
+from pipeline.objectives import Objective, objective_for, objective_sweep
 from pipeline.plots import line_chart
 from pipeline.rag import check_k
 from pipeline.schema import Config
 from tokenization.inputs import InputError
-from tokenization.masking import Masker
 from tokenization.shards import shard_paths
 
 
@@ -61,12 +60,13 @@ def _extra_needs(cfg: Config) -> tuple[str, ...]:
 def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str], *, train_seq_len: int,
                    opts: EvalOptions, packing: str = "stream", index_dir: str | None = None,
                    eos_token: str | None = None, sources: dict[str, list[str]] | None = None,
-                   masker: Masker | None = None) -> dict[str, Any]:
+                   objective: Objective | None = None) -> dict[str, Any]:
     """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content.
     packing: the model's `train.packing`; `documents` scores each window within its documents, as it trained.
     With `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`).
     sources: a data mixture's validation shards by source, each also scored alone (`val_loss_<source>`).
-    An encoder is scored by `masked_sweep` with `masker` (masked-LM loss and accuracy) instead."""
+    An encoder or an encoder-decoder is scored on its `objective` by `objective_sweep` instead (masked-LM or
+    span-corruption loss and accuracy by length)."""
     from model import load_model
     from tokenization.bpe import load_tokenizer, token_byte_lengths
     from tokenization.shards import (
@@ -82,9 +82,9 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     byte_lengths = token_byte_lengths(tok)
     kept = [(p, b) for p, b in ((p, read_tokens(p)) for p in val_shards) if len(b)]
     val = [b for _, b in kept]
-    if not model.config.causal:
-        assert masker is not None, "an encoder is evaluated with its masked-LM masker"
-        return masked_sweep(model, val, train_seq_len=train_seq_len, opts=opts, masker=masker)
+    if model.config.family != "decoder":
+        assert objective is not None, f"an {model.config.family} is evaluated on its training objective"
+        return objective_sweep(model, val, train_seq_len=train_seq_len, opts=opts, objective=objective)
     doc_starts = [read_document_starts(p) for p, _ in kept] if packing == "documents" else None
     masks = [read_loss_mask(p) for p, _ in kept]  # task data: score the completion tokens only
     masks = masks if masks and all(m is not None for m in masks) else None
@@ -115,11 +115,12 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """extrapolation.png (perplexity by context length, one line per RoPE scaling) and
     loss_by_position.png (loss by position within the window, one line per length); for an encoder,
-    masked_lm.png (masked-token accuracy by context length)."""
-    if result.get("family") == "encoder":
-        path = out_dir / "masked_lm.png"
-        line_chart(path, {"accuracy": [(r["context"], r["mlm_accuracy"]) for r in result["lengths"] if r["supported"]]},
-                   title=f"masked-token accuracy by context (trained at {result['train_seq_len']})",
+    masked_lm.png (masked-token accuracy by context length), for an encoder-decoder span_corruption.png."""
+    if result.get("family") in ("encoder", "encoder-decoder"):
+        m = result["metric"]
+        path = out_dir / ("masked_lm.png" if m == "mlm" else "span_corruption.png")
+        line_chart(path, {"accuracy": [(r["context"], r[f"{m}_accuracy"]) for r in result["lengths"] if r["supported"]]},
+                   title=f"{'masked' if m == 'mlm' else 'span'}-token accuracy by context (trained at {result['train_seq_len']})",
                    x_label="context (tokens)", y_label="accuracy", log_x=True, log_y=False)
         return [path]
     ok = [r for r in result["lengths"] if r["supported"]]
@@ -177,7 +178,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, index.ref if index else None,
                                  train_seq_len=cfg.train_seq_len, opts=cfg.evaluate, packing=cfg.train.packing,
                                  eos_token=cfg.tokenizer.eos_token, mixture=list(cfg.data.mixture()),
-                                 masker=masker_for(cfg, ctx.inputs["tokenizer"].file("tokenizer.json"), vocab)))
+                                 objective=objective_for(cfg, ctx.inputs["tokenizer"].file("tokenizer.json"), vocab)))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:
         ctx.tracker.log_artifact(ctx.run_id, path)

@@ -26,6 +26,7 @@ from pipeline.fingerprints import TASK_KEYS, fingerprint_view, task_view
 from pipeline.schema import Config
 from tokenization.bpe import load_tokenizer, tokenizer_hash
 from tokenization.inputs import input_identity, resolve_inputs
+from tokenization.spans import sentinel_tokens
 from tokenization.taskdata import CHAT_MARKERS
 
 
@@ -42,16 +43,20 @@ def _section(cfg: Config) -> dict[str, Any]:
         return {"sha256": tokenizer_hash(_given_path(cfg.tokenizer.path)), "eos_token": cfg.tokenizer.eos_token}
     data = task_view(fingerprint_view(cfg.data))
     keys = ("text_field", "on_error", "replace_invalid_utf8", "normalize", "min_chars", "max_chars", *TASK_KEYS)
-    return {"tokenizer": fingerprint_view(cfg.tokenizer),
+    tokenizer = fingerprint_view(cfg.tokenizer)
+    if not tokenizer["sentinels"]:  # none: the fingerprint of a config that never heard of sentinels
+        del tokenizer["sentinels"]
+    return {"tokenizer": tokenizer,
             "documents": {k: data[k] for k in keys if k in data},  # task keys only for task data: text keeps its fingerprint
             "inputs": input_identity(resolve_inputs(cfg.data.all_inputs()))}  # every source's
 
 
 def special_tokens(cfg: Config) -> list[str]:
-    """tokenizer.special_tokens, plus the chat template's markers for chat data (the template needs them whole)."""
+    """tokenizer.special_tokens, plus the chat template's markers for chat data (the template needs them whole),
+    plus `tokenizer.sentinels` sentinel tokens (span corruption)."""
     built_in = cfg.data.format == "chat" and cfg.data.chat_template is None  # a Jinja template's markers: the user's
     extra = [m for m in CHAT_MARKERS if m not in cfg.tokenizer.special_tokens] if built_in else []
-    return [*cfg.tokenizer.special_tokens, *extra]
+    return [*cfg.tokenizer.special_tokens, *extra, *sentinel_tokens(cfg.tokenizer.sentinels)]
 
 
 def run(ctx: StageContext) -> dict[str, float]:

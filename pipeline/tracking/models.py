@@ -83,7 +83,7 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         if "prompt" not in df.columns:
             raise MlflowException.invalid_parameter_value(f"input needs a 'prompt' column, got {list(df.columns)}")
         s = self.settings
-        if not self.model.config.causal:
+        if self.model.config.family == "encoder":
             return self._fill(df)
         groups: dict[tuple[int, float, int], list[int]] = {}  # rows with the same options decode as one batch
         for i, row in enumerate(df.to_dict("records")):
@@ -93,6 +93,13 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         out: list[Any] = [""] * len(prompts)
         for (n, t, k), rows in groups.items():
             opts = SamplingOptions(max_new_tokens=n, temperature=t, top_k=s["top_k"], seed=None)
+            if self.model.config.family == "encoder-decoder":  # the prompt is the source; the answer, the target
+                from pipeline.completion import transduce
+
+                for i, r in zip(rows, transduce(self.model, self.tokenizer, [prompts[i] for i in rows], opts,
+                                                eos_token=s["eos_token"])):
+                    out[i] = r["completion"]
+                continue
             done = complete_with_retrieval(self.model, self.tokenizer, self.retriever, [prompts[i] for i in rows], opts,
                                            k=k, eos_token=s["eos_token"], key="retrieve")  # k 0: no passages
             for i, r in zip(rows, done):

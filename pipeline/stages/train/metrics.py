@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from tokenization.dataset import TokenWindows
-from tokenization.masking import Masker
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets; sparsity not counted).
 PEAK_BF16_TFLOPS = {
@@ -36,15 +35,16 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
 
 
 def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch.device, *,
-                 masker: Masker | None = None, draw: int = 0) -> torch.Tensor:
+                 objective: Any = None, draw: int = 0) -> torch.Tensor:
     """The mean loss over windows `idx` (training and validation alike); with document-aware packing each
     window's segment ids go with it. Task data (a loss mask): the mean over the masked-in targets only, the
-    others set to -1, which the model's loss ignores, so prompt tokens get exactly zero gradient. Masked LM
-    (a `masker`): the windows' first T tokens corrupted by mask `draw`, the originals at the chosen positions
-    as targets."""
-    if masker is not None:
-        inputs, targets = masker.apply(data.batch(idx)[:, :-1], idx, draw=draw)  # (micro, T) each
-        return engine(torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device))
+    others set to -1, which the model's loss ignores, so prompt tokens get exactly zero gradient. Masked LM or
+    span corruption (an `objective`, `pipeline.objectives`): the windows' first T tokens corrupted by its draw
+    `draw` into the model's inputs and targets (an encoder's, an encoder-decoder's source, decoder input and
+    target)."""
+    if objective is not None:
+        arrays = objective.model_inputs(data.batch(idx)[:, :-1], idx, draw=draw)
+        return engine(*(torch.from_numpy(a).to(device) for a in arrays))
     batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
     segments = torch.from_numpy(data.segments(idx)).to(device) if data.documents else None  # (micro, T)
     targets = batch[:, 1:]
@@ -58,18 +58,18 @@ def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch
 
 @torch.no_grad()
 def validation_loss(engine: Any, windows: TokenWindows, *, rank: int, world: int, max_tokens: int, micro: int,
-                    device: torch.device, masker: Masker | None = None) -> float:
+                    device: torch.device, objective: Any = None) -> float:
     """Mean loss over the first windows holding `max_tokens` targets, split across ranks and all-reduced
     (with the windows' segment ids when they carry documents: validation in the mode training uses).
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively). Masked LM:
-    the fixed masks of draw 0, the same at every evaluation."""
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively). Masked LM and
+    span corruption: the fixed corruption of draw 0, the same at every evaluation."""
     n = min(len(windows), max(world, max_tokens // windows.seq_len))
     mine = np.arange(rank, n - n % world, world)
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     engine.eval()
     for i in range(0, len(mine), micro):
         idx = mine[i : i + micro]
-        loss = forward_loss(engine, windows, idx, device, masker=masker)
+        loss = forward_loss(engine, windows, idx, device, objective=objective)
         totals += torch.tensor([loss.item() * len(idx), len(idx)], device=device, dtype=torch.float64)
     engine.train()
     torch.distributed.all_reduce(totals)

@@ -37,7 +37,7 @@ from pipeline.cluster.resources import train_scaling
 from pipeline.engine.stage import Stage, StageContext
 from pipeline.errors import ConfigError, TrainingError, UserError, user_cause
 from pipeline.fingerprints import as_dict, fingerprint_view
-from pipeline.masked_lm import masking_ids
+from pipeline.objectives import objective_ids
 from pipeline.schema import Config
 from pipeline.stages.train.checkpoints import check_resume_layout, verify_checkpoint
 from pipeline.stages.train.hardware import TrainHardware, resolve_hardware
@@ -75,6 +75,8 @@ def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
         train.pop("objective", None)
     if cfg.objective != "masked_lm":
         train.pop("masking", None)  # read only by masked-LM training
+    if cfg.objective != "span_corruption":
+        train.pop("spans", None)  # read only by span corruption
     if cfg.train.lora is not None:
         check_lora_targets(cfg)
     if cfg.train.init_from:  # the weights' identity, not just their path
@@ -150,7 +152,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "tracking_uri": ctx.tracker.tracking_uri,
         "run_id": ctx.tracker.worker_run_id(ctx.run_id),  # None while MLflow is down and the run not yet made
         "mixture": cfg.data.mixture(),
-        "masking": masking_ids(cfg, tok.file("tokenizer.json")),
+        "objective": objective_ids(cfg, tok.file("tokenizer.json")),
         "meta": {"tokenizer_sha256": ctx.inputs["prepare"].manifest.get("tokenizer_sha256"),
                  "prepare_fingerprint": ctx.inputs["prepare"].fingerprint, "train_fingerprint": ctx.fingerprint},
     }

@@ -29,11 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import GPT, ModelConfig, flops_per_token, save_model, state_dict_for_save
+from model import (
+    ModelConfig,
+    build_model,
+    flops_per_token,
+    save_model,
+    state_dict_for_save,
+)
 from model.lora import LoraOptions, add_adapters, is_adapted
 from pipeline import faults
 from pipeline.engine.store import StageRef
 from pipeline.errors import TrainingError
+from pipeline.objectives import Objective, objective_from_ids
 from pipeline.stages.train.checkpoints import (
     STATE,
     Checkpoints,
@@ -49,7 +56,6 @@ from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
 from tokenization.dataset import TokenWindows, sample_indices
-from tokenization.masking import Masker, MaskingOptions
 from tokenization.mixture import mixture_indices
 from tokenization.shards import shard_paths
 
@@ -71,7 +77,7 @@ class WorkerConfig:
     run_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # provenance written into model.json
     mixture: dict[str, float] = field(default_factory=dict)  # {source: weight} of a data mixture; empty: one corpus
-    masking: dict[str, Any] | None = None  # masked LM: the tokenizer's {"mask_id", "special_ids"}; None: causal LM
+    objective: dict[str, Any] | None = None  # masked LM / span corruption: the tokenizer's ids; None: causal LM
     progress: Any = None  # the driver's progress sink (a Ray actor); without one rank 0 prints its progress line
 
 
@@ -136,7 +142,7 @@ def _build(cfg: WorkerConfig, device: torch.device, world: int, precision: str) 
 
     t = cfg.train
     torch.manual_seed(t["seed"])  # the initial weights: one function of the seed, the same on every rank
-    model = GPT(ModelConfig(**cfg.model))
+    model = build_model(ModelConfig(**cfg.model))
     if t.get("init_from"):
         init_config, state_dict = initial_weights(t["init_from"])
         check_init_compatible(init_config, cfg.model, t["init_from"])
@@ -196,21 +202,13 @@ def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int,
     return int(state["step"]), attempt, state.get("metrics", {})
 
 
-def _masker(cfg: WorkerConfig) -> Masker | None:
-    """Masked LM's corruption, from the train section's options and the tokenizer's ids the driver looked up."""
-    if cfg.masking is None:
-        return None
-    return Masker(MaskingOptions(**cfg.train["masking"]), mask_id=cfg.masking["mask_id"],
-                  special_ids=tuple(cfg.masking["special_ids"]), vocab_size=cfg.model["vocab_size"], seed=cfg.train["seed"])
-
-
 def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, gas: int, device: torch.device,
-              step: int, masker: Masker | None) -> torch.Tensor:
+              step: int, objective: Objective | None) -> torch.Tensor:
     """Forward/backward over the accumulation micro-batches; returns this rank's summed loss."""
     loss_sum = torch.zeros((), device=device)
-    draw = masker.draw_for(step) if masker is not None else 0
+    draw = objective.draw_for(step) if objective is not None else 0
     for m in range(gas):
-        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device, masker=masker, draw=draw)
+        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device, objective=objective, draw=draw)
         if faults.triggered("train.nan", step + 1):
             loss = loss * float("nan")
         engine.backward(loss)
@@ -241,7 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     data = TokenWindows(cfg.train_shards, cfg.seq_len, documents=documents)
     draw = _sampler(cfg, data, per_source, rank=rank, world=world)
     val = TokenWindows(cfg.val_shards, cfg.seq_len, documents=documents) if t.get("eval_every") and cfg.val_shards else None
-    masker = _masker(cfg)
+    # masked LM, span corruption: the corruption of each window, from the train options and the driver's ids
+    objective = objective_from_ids(cfg.objective, t, cfg.model["vocab_size"])
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
     rates = _Rates(cfg, device, world)
     steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
@@ -254,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = draw(step)
-        loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step, masker=masker)
+        loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step, objective=objective)
         torch.distributed.all_reduce(loss_sum)
         loss_avg = loss_sum.item() / (gas * world)
         done = step + 1
@@ -268,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             last |= costs.metrics()
         if val is not None and (done % t["eval_every"] == 0 or done == steps):
             last["train/val_loss"] = validation_loss(engine, val, rank=rank, world=world, max_tokens=t["eval_tokens"],
-                                                     micro=micro, device=device, masker=masker)
+                                                     micro=micro, device=device, objective=objective)
         if done % t["log_every"] == 0 or done == steps or step == start_step:
             logger.log_metrics(last, step=done)
             report_progress(cfg.progress, rank, done, steps, last, time.perf_counter() - t_start, start_step)
