@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.generation import right_pad
 from model.gpt import GPT
 
 
@@ -33,12 +34,7 @@ def fill_mask(model: GPT, prompts: list[list[int]], *, mask_id: int, top_k: int 
     out: list[list[list[Prediction]]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        T = max(len(p) for p in chunk)
-        idx = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
-        real = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
-        for row, p in enumerate(chunk):
-            idx[row, : len(p)] = torch.tensor(p, device=device)
-            real[row, : len(p)] = 1
+        idx, real = right_pad(chunk, device)  # (B, T) each
         h = model.hidden_states(idx, attention_mask=real)  # (B, T, C)
         for row, p in enumerate(chunk):
             where = torch.tensor([i for i, t in enumerate(p) if t == mask_id], dtype=torch.long, device=device)

@@ -162,6 +162,17 @@ def left_pad(prompts: list[list[int]], device: torch.device, *, pad_id: int = 0)
     return idx, mask
 
 
+def right_pad(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) left-aligned and padded with 0, and the mask (B, T), 0 at padding (an encoder's inputs)."""
+    T = max(len(s) for s in seqs)
+    idx = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    for row, s in enumerate(seqs):
+        idx[row, : len(s)] = torch.tensor(s, device=device)
+        mask[row, : len(s)] = 1
+    return idx, mask
+
+
 def _check_length(model: GPT, total: int) -> None:
     cfg = model.config
     if cfg.pos_encoding == "learned":

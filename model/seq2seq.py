@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.generation import right_pad
 from model.gpt import MLP, AttentionInputs, Block, SelfAttention
 from model.kv_cache import KVCache
 from model.layers import make_norm
@@ -150,13 +151,22 @@ class EncoderDecoder(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """N(0, std) for every matrix, residual output projections scaled by 1/sqrt(2 * layers), zero biases,
-        unit norm gains (as `GPT.init_weights`)."""
-        std, depth = self.config.init_std, self.config.n_layer + self.config.n_decoder_layer
+        """T5's initialisation, which its unscaled attention relies on (`init_std` is not used): the shared
+        embedding (and a separate unembedding) N(0, 1); each matrix N(0, fan_in^-0.5), queries N(0, (d_model *
+        head_dim)^-0.5) so that unscaled scores start at unit scale; bias tables N(0, d_model^-0.5); zero
+        biases, unit norm gains. (A copy task stays at chance for hundreds of steps from GPT-2's N(0, 0.02).)"""
+        cfg = self.config
+        d, q_rows = cfg.d_model, cfg.n_head * cfg.head_dim
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                scale = 1.0 / math.sqrt(2 * depth) if name.endswith("proj.weight") else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
+            if name in ("tok_emb.weight", "lm_head.weight"):
+                nn.init.normal_(p, std=1.0)
+            elif name.endswith("table.weight"):
+                nn.init.normal_(p, std=d ** -0.5)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=p.shape[1] ** -0.5)  # fan in: d_model, d_ff or the heads' width
+                if name.endswith(("attn.qkv.weight", "cross.q.weight")):  # the query rows come first
+                    with torch.no_grad():
+                        p[:q_rows].normal_(std=(d * cfg.head_dim) ** -0.5)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             else:
@@ -270,13 +280,7 @@ class Conditioned(nn.Module):
 
 def conditioned(model: EncoderDecoder, src: list[list[int]]) -> Conditioned:
     """The decoder of `model` bound to the encoding of `src` (one source, or one per decoding row; right-padded)."""
-    device = next(model.parameters()).device
-    S = max(len(s) for s in src)
-    ids = torch.zeros(len(src), S, dtype=torch.long, device=device)
-    mask = torch.zeros(len(src), S, dtype=torch.long, device=device)
-    for row, s in enumerate(src):
-        ids[row, : len(s)] = torch.tensor(s, device=device)
-        mask[row, : len(s)] = 1
+    ids, mask = right_pad(src, next(model.parameters()).device)  # (B, S) each
     with torch.inference_mode():
         memory = model.encode(ids, mask)
     return Conditioned(model, memory, None if bool(mask.all()) else mask)

@@ -235,6 +235,9 @@ def _workflow(args: argparse.Namespace) -> int:
             out.line("nothing to run: every stage is cached")
         manifests = execute(cfg, items, STAGES, output=out)
         ev = manifests.get("evaluate", {}).get("metrics", {})
+        if "exact_match" in ev:
+            out.line(f"validation seq2seq loss {ev['seq2seq_loss']:.4f} (ppl {ev['seq2seq_ppl']:.2f}), exact match "
+                     f"{ev['exact_match']:.3f} on {int(ev['pairs'])} pairs")
         for m, what in (("mlm", "masked"), ("span", "span")):
             if f"{m}_loss" in ev:
                 out.line(f"validation {what} loss {ev[f'{m}_loss']:.4f} (ppl {ev[f'{m}_ppl']:.2f}), {what}-token accuracy "

@@ -36,6 +36,7 @@ from pipeline.errors import ConfigError
 from pipeline.schema import Config
 from tokenization.bpe import PAD
 from tokenization.masking import Masker, MaskingOptions
+from tokenization.pairs import TaskPairs
 from tokenization.spans import SpanCorrupter, SpanOptions, sentinel_tokens
 
 Objective = Masker | SpanCorrupter
@@ -55,18 +56,24 @@ def objective_ids(cfg: Config, tokenizer_json: str | Path) -> dict[str, Any] | N
             raise ConfigError(f"train.masking.mask_token {cfg.train.masking.mask_token!r} is not a special token of the "
                               f"tokenizer {tokenizer_json}")
         return {"kind": "masked_lm", "mask_id": mask_id, "special_ids": specials}
+    eos, pad = tok.token_to_id(cfg.tokenizer.eos_token), tok.token_to_id(PAD)
+    if eos is None or pad is None:
+        raise ConfigError(f"train.objective {cfg.objective}: the tokenizer {tokenizer_json} has no "
+                          f"{cfg.tokenizer.eos_token if eos is None else PAD} (the end token; the decoder's start)")
+    if cfg.objective == "seq2seq":
+        return {"kind": "seq2seq", "eos_id": eos, "start_id": pad}
     sentinels = [tok.token_to_id(t) for t in sentinel_tokens(cfg.tokenizer.sentinels or 1000)]
     sentinels = sentinels[: sentinels.index(None)] if None in sentinels else sentinels
-    eos, pad = tok.token_to_id(cfg.tokenizer.eos_token), tok.token_to_id(PAD)
-    if not sentinels or eos is None or pad is None:
-        missing = "sentinel tokens (tokenizer.sentinels)" if not sentinels else f"{cfg.tokenizer.eos_token if eos is None else PAD}"
-        raise ConfigError(f"train.objective span_corruption: the tokenizer {tokenizer_json} has no {missing}")
+    if not sentinels:
+        raise ConfigError(f"train.objective span_corruption: the tokenizer {tokenizer_json} has no sentinel tokens "
+                          "(tokenizer.sentinels)")
     return {"kind": "span_corruption", "sentinel_ids": sentinels, "eos_id": eos, "start_id": pad}
 
 
 def objective_from_ids(ids: dict[str, Any] | None, train: dict[str, Any], vocab_size: int) -> Objective | None:
-    """The objective from `objective_ids`' ids and the train section as a dict (what a training worker gets)."""
-    if ids is None:
+    """The objective from `objective_ids`' ids and the train section as a dict (what a training worker gets); None
+    for causal LM and seq2seq, whose data is not corrupted (seq2seq reads `tokenization.pairs.TaskPairs`)."""
+    if ids is None or ids["kind"] == "seq2seq":
         return None
     if ids["kind"] == "masked_lm":
         return Masker(MaskingOptions(**train["masking"]), mask_id=ids["mask_id"], special_ids=tuple(ids["special_ids"]),
@@ -136,3 +143,40 @@ def objective_sweep(model: Any, val: list[np.ndarray], *, train_seq_len: int, op
             metrics |= scores
     return {"family": "encoder" if m == "mlm" else "encoder-decoder", "metric": m, "train_seq_len": train_seq_len,
             "metrics": metrics, "lengths": lengths}
+
+
+@torch.inference_mode()
+def pairs_scores(model: Any, pairs: TaskPairs, *, max_tokens: int, batch_size: int) -> dict[str, Any]:
+    """eval.json's content for seq2seq: over the first validation pairs holding at most `max_tokens` source tokens,
+    the mean cross-entropy of the target tokens (`seq2seq_loss`, `_ppl`), how often the top prediction is the target
+    token (`seq2seq_accuracy`), and exact match: the share of pairs whose greedy answer is the whole target."""
+    from model.generation import generate_batch
+    from model.seq2seq import conditioned
+
+    device = next(model.parameters()).device
+    n, budget = 0, max_tokens
+    while n < len(pairs) and budget >= len(pairs.sources[n]):
+        budget -= len(pairs.sources[n])
+        n += 1
+    if n == 0:
+        raise NoWindowError("evaluate: no validation pair (prompt/completion records) to score")
+    nll, correct, count, exact = 0.0, 0, 0, 0
+    rows = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        src, mask, tgt_in, tgt = (torch.from_numpy(a).to(device) for a in pairs.batch(idx))
+        logits = model(src, tgt_in, src_mask=mask).float()
+        chosen = tgt >= 0
+        nll += float(torch.nn.functional.cross_entropy(logits[chosen], tgt[chosen], reduction="sum"))
+        correct += int((logits[chosen].argmax(-1) == tgt[chosen]).sum())
+        count += int(chosen.sum())
+        sources = [pairs.sources[int(i)].tolist() for i in idx]
+        targets = [pairs.targets[int(i)].tolist() for i in idx]
+        answers = generate_batch(conditioned(model, sources), [[pairs.start_id]] * len(idx),
+                                 max_new_tokens=[len(t) for t in targets], temperature=0.0, stop_tokens={pairs.eos_id})
+        exact += sum(a == t for a, t in zip(answers, targets))
+        rows += [{"source": s, "target": t, "answer": a} for s, t, a in zip(sources, targets, answers)][: max(0, 20 - len(rows))]
+    loss = nll / count
+    metrics = {"seq2seq_loss": loss, "seq2seq_ppl": math.exp(min(loss, 700.0)), "seq2seq_accuracy": correct / count,
+               "seq2seq_tokens": float(count), "exact_match": exact / n, "pairs": float(n)}
+    return {"family": "encoder-decoder", "metric": "seq2seq", "metrics": metrics, "lengths": [], "examples": rows}

@@ -221,7 +221,7 @@ class TrainConfig(_Section):
     packing: Literal["stream", "documents"] = Field("stream", description="stream: windows cut from the concatenated documents attend across document boundaries; documents: each token attends only within its own document (block-diagonal causal mask) and positions restart at each document start; evaluation scores the same way.")
     init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
     lora: LoraOptions | None = Field(None, description="Train LoRA adapters on a frozen base instead of every weight (usually with init_from); default: full fine-tuning.")
-    objective: Literal["causal_lm", "masked_lm", "span_corruption"] | None = Field(None, description="What the model learns to predict: causal_lm (the next token; decoders), masked_lm (the original tokens at masked positions; encoders) or span_corruption (the spans dropped from the source, each behind its sentinel; encoder-decoders). Default: the model family's.")
+    objective: Literal["causal_lm", "masked_lm", "span_corruption", "seq2seq"] | None = Field(None, description="What the model learns to predict: causal_lm (the next token; decoders), masked_lm (the original tokens at masked positions; encoders), span_corruption (the spans dropped from the source, each behind its sentinel; encoder-decoders) or seq2seq (each record's completion from its prompt; encoder-decoders on prompt_completion data). Default: the model family's (an encoder-decoder: seq2seq on prompt_completion data, else span_corruption).")
     masking: MaskingOptions = Field(default_factory=MaskingOptions, description="masked_lm: how windows are corrupted (rate, mask token, 80/10/10 split, dynamic or static masks).")
     spans: SpanOptions = Field(default_factory=SpanOptions, description="span_corruption: how windows are corrupted (noise density, mean span length, dynamic or static).")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
@@ -340,7 +340,8 @@ class TrackingConfig(_Section):
         return value
 
 
-_OBJECTIVES = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder-decoder": "span_corruption"}  # each family's own
+# what each family trains on, its default first
+_OBJECTIVES = {"decoder": ("causal_lm",), "encoder": ("masked_lm",), "encoder-decoder": ("span_corruption", "seq2seq")}
 
 
 class Config(_Section):
@@ -402,9 +403,15 @@ class Config(_Section):
     def _family_checks(self) -> None:
         """What an encoder cannot do, and the objective each family trains on, before any work."""
         family, objective = self.model.family, self.objective
-        if objective != _OBJECTIVES[family]:
-            needs = next(f for f, o in _OBJECTIVES.items() if o == objective)
+        if objective not in _OBJECTIVES[family]:
+            needs = next(f for f, o in _OBJECTIVES.items() if objective in o)
             raise ValueError(f"train.objective {objective} needs model.family {needs}, got {family}")
+        if (objective == "seq2seq") != (family == "encoder-decoder" and self.data.format != "text"):
+            raise ValueError(f"train.objective {objective} with data.format {self.data.format}: an encoder-decoder trains "
+                             "seq2seq on prompt_completion records and span_corruption on text")
+        if objective == "seq2seq" and self.data.format != "prompt_completion":
+            raise ValueError(f"data.format {self.data.format}: an encoder-decoder's seq2seq training reads "
+                             "prompt_completion records (a prompt becomes the source, its completion the target)")
         if objective == "span_corruption" and self.tokenizer.path is None:
             _, spans = self.train.spans.shape(self.train_seq_len)
             if spans > self.tokenizer.sentinels:
@@ -426,7 +433,11 @@ class Config(_Section):
     @property
     def objective(self) -> str:
         """train.objective, or the model family's own when unset."""
-        return self.train.objective or _OBJECTIVES[self.model.family]
+        if self.train.objective:
+            return self.train.objective
+        if self.model.family == "encoder-decoder" and self.data.format != "text":
+            return "seq2seq"
+        return _OBJECTIVES[self.model.family][0]
 
     @property
     def train_seq_len(self) -> int:

@@ -116,3 +116,17 @@ def mlflow_server(tmp_path: Path):
     server = MlflowServer(tmp_path / "mlflow-server").start()
     yield server
     server.stop()
+
+
+def refused_before_any_work(raw: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> str:
+    """Run config `raw`, which must be refused at plan time: exit 2, one line on stderr (returned), no store made."""
+    import yaml
+
+    from pipeline import cli
+
+    (tmp_path / "refused.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["run", str(tmp_path / "refused.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert not Path(raw["store"]["root"]).exists()
+    return err[0]

@@ -15,7 +15,7 @@ from model import GPT, ModelConfig, export_hf, import_hf, param_count
 from model.fill_mask import fill_mask
 from model.gpt import AttentionInputs
 from pipeline import cli
-from tests.conftest import tiny_raw
+from tests.conftest import refused_before_any_work, tiny_raw
 from tokenization.masking import Masker, MaskingOptions
 
 
@@ -210,11 +210,7 @@ def raw_encoder(corpus_dir: Path, root: Path, **train) -> dict:
 def test_what_an_encoder_cannot_do_is_one_line_before_any_work(change, key, corpus_dir, tmp_path, capsys):
     raw = raw_encoder(corpus_dir, tmp_path / "store")
     change(raw)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    assert cli.main(["run", str(tmp_path / "c.yaml")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and key in err[0], err
-    assert not (tmp_path / "store").exists()
+    assert key in refused_before_any_work(raw, tmp_path, capsys)
 
 
 def test_a_decoders_train_fingerprint_holds_no_family_objective_or_masking(tiny_config):
@@ -288,13 +284,9 @@ def test_masked_lm_trains_evaluates_fills_masks_and_exports_to_transformers(corp
 def test_a_masked_lm_run_resumed_from_a_checkpoint_trains_exactly_as_an_uninterrupted_one(tmp_path):
     """The per-worker loop (DeepSpeed over gloo, one process): 4 steps uninterrupted, then resumed from step 2:
     steps 3 and 4 draw the same masks and give bit-identical losses and weights."""
-    import shutil
-
-    from safetensors.torch import load_file
-
     from pipeline.schema import ModelSection, TrainConfig
     from tests.test_packing import _shard
-    from tests.test_training import _train_ranks
+    from tests.test_training import resumed_equals_uninterrupted
 
     path = _shard(tmp_path, lengths=tuple(range(3, 40)))  # tokens 2..63, documents ending in EOS (1)
     config = {"model": {**ModelSection(family="encoder", norm_position="post", n_layer=2, n_head=2, d_model=32,
@@ -302,15 +294,4 @@ def test_a_masked_lm_run_resumed_from_a_checkpoint_trains_exactly_as_an_uninterr
               "train": TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2,
                                    log_every=1, zero_stage=1, lr=1e-2).model_dump(mode="json"),
               "seq_len": 16, "train_shards": [path], "objective": {"kind": "masked_lm", "mask_id": 0, "special_ids": [0, 1]}}
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    whole.mkdir(), resumed.mkdir()
-    (reference,) = _train_ranks(config, 1, whole)
-    shutil.copytree(whole / "ckpt-1", resumed / "ckpt-1")
-    shutil.rmtree(resumed / "ckpt-1" / "step_00000004")
-    (records,) = _train_ranks(config, 1, resumed)
-    losses = {r["done"]: r["loss"] for r in records if "done" in r}
-    assert sorted(losses) == [3, 4]
-    assert losses == {d: r["loss"] for r in reference if "done" in r and (d := r["done"]) in losses}
-    a, b = (load_file(str(d / "ckpt-1" / "step_00000004" / "model.safetensors")) for d in (whole, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "mlm_head.dense.weight" in a
+    assert "mlm_head.dense.weight" in resumed_equals_uninterrupted(config, tmp_path)

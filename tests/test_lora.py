@@ -141,7 +141,7 @@ def test_a_lora_target_that_names_no_layer_is_one_line_before_any_stage(corpus_d
 
 @pytest.mark.slow
 def test_a_lora_run_through_the_train_stage_writes_merged_weights_and_an_exportable_adapter(
-        corpus_dir, tmp_path, tracking_uri, ray_local):
+        corpus_dir, tmp_path, tracking_uri, ray_local, monkeypatch):
     from peft import PeftModel
 
     def config(name: str, **train) -> str:
@@ -164,7 +164,8 @@ def test_a_lora_run_through_the_train_stage_writes_merged_weights_and_an_exporta
     torch.manual_seed(0)
     base_dir = tmp_path / "base"
     save_model(base_dir, state_dict_for_save(GPT(base_cfg)), base_cfg, train_fingerprint="b" * 64)
-    lora = config("lora", init_from=str(base_dir), lora={"r": 4, "alpha": 8.0, "targets": ["attn.qkv", "mlp.fc"]})
+    monkeypatch.chdir(tmp_path)  # a relative init_from is the user's working directory's, also in the Ray workers
+    lora = config("lora", init_from="base", lora={"r": 4, "alpha": 8.0, "targets": ["attn.qkv", "mlp.fc"]})
     assert cli.main(["run", lora, "--only", "train"]) == 0
     (out,) = [p for p in (tmp_path / "store" / "train").iterdir() if (p / "_COMPLETE.json").exists()]
     meta = json.loads((out / "adapter.json").read_text())

@@ -5,14 +5,11 @@ the step, and a run resumed from a checkpoint with packing on trains exactly as 
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from model import GPT, ModelConfig
 from model.segments import segment_positions
@@ -122,7 +119,7 @@ def test_a_run_resumed_with_packing_trains_exactly_as_an_uninterrupted_one(tmp_p
     """The per-worker loop (DeepSpeed over gloo, one process): 4 steps uninterrupted, then the same run resumed
     from its step-2 checkpoint: steps 3 and 4 see the same samples and give bit-identical losses and weights."""
     from pipeline.schema import ModelSection, TrainConfig
-    from tests.test_training import _train_ranks
+    from tests.test_training import resumed_equals_uninterrupted
 
     path = _shard(tmp_path, lengths=tuple(range(3, 40)))
     config = {"model": {**ModelSection(n_layer=2, n_head=2, d_model=32, max_seq_len=16,
@@ -130,21 +127,7 @@ def test_a_run_resumed_with_packing_trains_exactly_as_an_uninterrupted_one(tmp_p
               "train": TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2,
                                    log_every=1, zero_stage=1, lr=1e-2, packing="documents").model_dump(mode="json"),
               "seq_len": 16, "train_shards": [path]}
-    (whole, resumed) = tmp_path / "whole", tmp_path / "resumed"
-    whole.mkdir(), resumed.mkdir()
-    (reference,) = _train_ranks(config, 1, whole)
-    shutil.copytree(whole / "ckpt-1", resumed / "ckpt-1")
-    shutil.rmtree(resumed / "ckpt-1" / "step_00000004")
-    (records,) = _train_ranks(config, 1, resumed)
-    losses = {r["done"]: r["loss"] for r in records if "done" in r}
-    assert sorted(losses) == [3, 4]  # resumed at step 2
-    assert losses == {d: r["loss"] for r in reference if "done" in r and (d := r["done"]) in losses}
-    ids = {r["step"]: r["ids"] for r in records if "ids" in r}
-    assert ids == {r["step"]: r["ids"] for r in reference if "ids" in r and r["step"] in ids}
-    a, b = (load_file(str(d / "ckpt-1" / "step_00000004" / "model.safetensors")) for d in (whole, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state = json.loads((resumed / "ckpt-1" / "step_00000004" / "train_state.json").read_text())
-    assert state["step"] == 4
+    resumed_equals_uninterrupted(config, tmp_path)
 
 
 def test_the_training_step_feeds_the_windows_segment_ids_to_the_model(tmp_path):

@@ -174,17 +174,17 @@ def raw_t5(corpus_dir, root, **train) -> dict:
     (lambda r: r["train"].update(objective="masked_lm"), "train.objective masked_lm needs model.family encoder"),
     (lambda r: r["decode"].update(retrieve=2), "decode.retrieve needs a decoder"),
     (lambda r: r["model"].update(pos_encoding="rope"), "pos_encoding"),
+    (lambda r: r["data"].update(format="prompt_completion") or r["train"].update(objective="span_corruption"),
+     "an encoder-decoder trains seq2seq on prompt_completion records and span_corruption on text"),
+    (lambda r: r["data"].update(format="chat"), "data.format chat"),
+    (lambda r: r["train"].update(objective="seq2seq"), "train.objective seq2seq with data.format text"),
 ])
 def test_what_an_encoder_decoder_cannot_do_is_one_line_before_any_work(change, key, corpus_dir, tmp_path, capsys):
-    from pipeline import cli
+    from tests.conftest import refused_before_any_work
 
     raw = raw_t5(corpus_dir, tmp_path / "store")
     change(raw)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    assert cli.main(["run", str(tmp_path / "c.yaml")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and key in err[0], err
-    assert not (tmp_path / "store").exists()
+    assert key in refused_before_any_work(raw, tmp_path, capsys)
 
 
 def test_sentinels_enter_the_tokenizer_fingerprint_only_when_asked_for(tiny_config):
@@ -229,3 +229,77 @@ def test_span_corruption_trains_evaluates_answers_and_exports_to_transformers(co
     assert tok.decode(shown, skip_special_tokens=False) == row["completion"]  # decode's beam search = transformers'
     ours, _ = load_model(committed["train"])
     assert type(ours).__name__ == "EncoderDecoder"
+
+
+def test_a_record_becomes_a_pair_its_prompt_plus_eos_the_source_its_completion_the_target(tmp_path):
+    from tokenization.pairs import TaskPairs
+    from tokenization.shards import ShardWriter
+
+    docs = [np.array([5, 6, 7, 8, 9, 0]), np.array([10, 11, 0]), np.array([12, 13])]
+    masks = [np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 1]), np.array([0, 0])]  # the last: no completion
+    writer = ShardWriter(tmp_path / "train-00000.arrow", np.dtype(np.uint16), loss_mask=True)
+    for doc, mask in zip(docs, masks):
+        writer.add(doc, mask)
+    writer.close()
+    pairs = TaskPairs([tmp_path / "train-00000.arrow"], max_source=3, max_target=8, eos_id=0, start_id=1)
+    assert len(pairs) == 2
+    src, src_mask, tgt_in, tgt = pairs.batch(np.array([0, 1]))
+    assert src.tolist() == [[5, 6, 0], [10, 0, 0]] and src_mask.tolist() == [[1, 1, 1], [1, 1, 0]]  # cut to 3 with EOS
+    assert tgt.tolist() == [[8, 9, 0], [11, 0, -1]] and tgt_in.tolist() == [[1, 8, 9], [1, 11, 0]]
+
+
+@pytest.mark.slow
+def test_seq2seq_on_prompt_completion_records_trains_and_reports_exact_match(corpus_dir, tmp_path, tracking_uri,
+                                                                             ray_local, capsys):
+    from pipeline import cli
+
+    records = tmp_path / "copy.jsonl"
+    rng = np.random.default_rng(0)
+    words = ["king", "queen", "fool", "lord", "lady"]
+    records.write_text("".join(json.dumps({"prompt": "Repeat: " + " ".join(w) + "\n", "completion": " ".join(w)}) + "\n"
+                               for w in (rng.choice(words, 3) for _ in range(200))))
+    raw = raw_t5(corpus_dir, tmp_path / "store", steps=8, checkpoint_every=8)
+    raw["data"] = {"inputs": [str(records)], "format": "prompt_completion", "val_fraction": 0.1, "shard_size_mb": 0.01}
+    raw["tokenizer"]["sentinels"] = 0
+    raw["decode"] = {"prompts": ["Repeat: king fool lady\n"], "max_new_tokens": 6, "temperature": 0.0}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["run", str(tmp_path / "s.yaml")]) == 0
+    assert "exact match" in capsys.readouterr().out
+    (ev,) = [p for p in (tmp_path / "store" / "evaluate").iterdir() if (p / "_COMPLETE.json").exists()]
+    result = json.loads((ev / "eval.json").read_text())
+    m = result["metrics"]
+    assert m["pairs"] >= 5 and 0 <= m["exact_match"] <= 1 and 0 < m["seq2seq_loss"] < np.log(300)
+    first = result["examples"][0]
+    assert first["source"][-1] == first["target"][-1]  # both end in EOS
+    (dec,) = [p for p in (tmp_path / "store" / "decode").iterdir() if (p / "_COMPLETE.json").exists()]
+    assert "=> " in (dec / "samples.md").read_text()
+
+
+def test_from_its_initialisation_the_encoder_decoder_learns_to_copy_through_cross_attention():
+    """T5's initialisation: from GPT-2's N(0, 0.02) the unscaled attention stays at chance on this task."""
+    torch.manual_seed(0)
+    model = EncoderDecoder(t5(vocab_size=50, n_layer=2, n_head=4, d_model=64, d_ff=128))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        src = torch.from_numpy(rng.integers(3, 50, (32, 8)))
+        loss = model(src, torch.cat([torch.ones(32, 1, dtype=torch.long), src[:, :-1]], 1), src)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.8 * np.log(47)  # chance: a uniform guess among the 47 tokens
+
+
+@pytest.mark.slow
+def test_a_span_corruption_run_resumed_from_a_checkpoint_trains_exactly_as_an_uninterrupted_one(tmp_path):
+    from pipeline.schema import TrainConfig
+    from tests.test_packing import _shard
+    from tests.test_training import resumed_equals_uninterrupted
+
+    path = _shard(tmp_path, lengths=tuple(range(3, 40)))  # tokens 2..63, documents ending in EOS (1)
+    config = {"model": t5(vocab_size=80, max_seq_len=16).to_dict(),
+              "train": TrainConfig(steps=4, global_batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2,
+                                   log_every=1, zero_stage=1, lr=1e-2).model_dump(mode="json"),
+              "seq_len": 16, "train_shards": [path],
+              "objective": {"kind": "span_corruption", "sentinel_ids": list(range(64, 80)), "eos_id": 1, "start_id": 0}}
+    assert "dec_bias.table.weight" in resumed_equals_uninterrupted(config, tmp_path)

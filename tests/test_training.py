@@ -182,6 +182,28 @@ def _train_ranks(config: dict, world: int, tmp: Path) -> list[list[dict]]:
     return [[json.loads(line) for line in open(tmp / f"w{world}-r{r}.jsonl")] for r in range(world)]
 
 
+def resumed_equals_uninterrupted(config: dict, tmp: Path) -> dict:
+    """4 steps uninterrupted (checkpoints at 2 and 4), then the same run resumed from its step-2 checkpoint: steps 3
+    and 4 see the same samples, with bit-identical losses and final weights. Returns the final weights."""
+    from safetensors.torch import load_file
+
+    whole, resumed = tmp / "whole", tmp / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    (reference,) = _train_ranks(config, 1, whole)
+    shutil.copytree(whole / "ckpt-1", resumed / "ckpt-1")
+    shutil.rmtree(resumed / "ckpt-1" / "step_00000004")
+    (records,) = _train_ranks(config, 1, resumed)
+    losses = {r["done"]: r["loss"] for r in records if "done" in r}
+    assert sorted(losses) == [3, 4]  # resumed at step 2
+    assert losses == {d: r["loss"] for r in reference if "done" in r and (d := r["done"]) in losses}
+    ids = {r["step"]: r["ids"] for r in records if "ids" in r}
+    assert ids == {r["step"]: r["ids"] for r in reference if "ids" in r and r["step"] in ids}
+    a, b = (load_file(str(d / "ckpt-1" / "step_00000004" / "model.safetensors")) for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "ckpt-1" / "step_00000004" / "train_state.json").read_text())["step"] == 4
+    return a
+
+
 def test_one_and_two_workers_train_on_the_same_samples_with_losses_equal_up_to_reduction_order(tmp_path):
     """`train.num_workers` is not fingerprinted: scaling out must not retrain. What that rests on: every step
     consumes the same samples (as a multiset) and the same learning rate, and the loss differs only by the order

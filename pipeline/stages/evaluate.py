@@ -34,11 +34,18 @@ from pipeline.engine.stage import Stage, StageContext
 from pipeline.engine.store import StageRef
 from pipeline.errors import ConfigError
 from pipeline.fingerprints import as_dict, fingerprint_view
-from pipeline.objectives import Objective, objective_for, objective_sweep
+from pipeline.objectives import (
+    Objective,
+    objective_for,
+    objective_ids,
+    objective_sweep,
+    pairs_scores,
+)
 from pipeline.plots import line_chart
 from pipeline.rag import check_k
 from pipeline.schema import Config
 from tokenization.inputs import InputError
+from tokenization.pairs import TaskPairs
 from tokenization.shards import shard_paths
 
 
@@ -60,13 +67,14 @@ def _extra_needs(cfg: Config) -> tuple[str, ...]:
 def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str], *, train_seq_len: int,
                    opts: EvalOptions, packing: str = "stream", index_dir: str | None = None,
                    eos_token: str | None = None, sources: dict[str, list[str]] | None = None,
-                   objective: Objective | None = None) -> dict[str, Any]:
+                   objective: Objective | None = None, seq2seq: dict[str, int] | None = None) -> dict[str, Any]:
     """The whole stage's work as a plain function (no Ray): load, score, return eval.json's content.
     packing: the model's `train.packing`; `documents` scores each window within its documents, as it trained.
     With `opts.retrieve` and the folder of an `index` stage, also the retrieval-augmented scores (`rag`).
     sources: a data mixture's validation shards by source, each also scored alone (`val_loss_<source>`).
     An encoder or an encoder-decoder is scored on its `objective` by `objective_sweep` instead (masked-LM or
-    span-corruption loss and accuracy by length)."""
+    span-corruption loss and accuracy by length); seq2seq ({"eos_id", "start_id"}: an encoder-decoder trained on
+    prompt/completion records) by `pairs_scores` (loss, token accuracy and exact match on the validation pairs)."""
     from model import load_model
     from tokenization.bpe import load_tokenizer, token_byte_lengths
     from tokenization.shards import (
@@ -82,6 +90,9 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     byte_lengths = token_byte_lengths(tok)
     kept = [(p, b) for p, b in ((p, read_tokens(p)) for p in val_shards) if len(b)]
     val = [b for _, b in kept]
+    if seq2seq is not None:  # an encoder-decoder trained on records: loss and exact match on the validation pairs
+        pairs = TaskPairs(val_shards, max_source=train_seq_len, max_target=train_seq_len, **seq2seq)
+        return pairs_scores(model, pairs, max_tokens=opts.max_tokens, batch_size=opts.batch_size)
     if model.config.family != "decoder":
         assert objective is not None, f"an {model.config.family} is evaluated on its training objective"
         return objective_sweep(model, val, train_seq_len=train_seq_len, opts=opts, objective=objective)
@@ -112,10 +123,17 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     return result
 
 
+def _seq2seq_ids(cfg: Config, tokenizer: Path) -> dict[str, int] | None:
+    ids = objective_ids(cfg, tokenizer) if cfg.objective == "seq2seq" else None
+    return {"eos_id": ids["eos_id"], "start_id": ids["start_id"]} if ids else None
+
+
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """extrapolation.png (perplexity by context length, one line per RoPE scaling) and
     loss_by_position.png (loss by position within the window, one line per length); for an encoder,
     masked_lm.png (masked-token accuracy by context length), for an encoder-decoder span_corruption.png."""
+    if result.get("metric") == "seq2seq":
+        return []  # no lengths to draw: eval.json holds the first answers beside their targets
     if result.get("family") in ("encoder", "encoder-decoder"):
         m = result["metric"]
         path = out_dir / ("masked_lm.png" if m == "mlm" else "span_corruption.png")
@@ -168,9 +186,14 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     cfg = ctx.config
     vocab = int(ctx.inputs["tokenizer"].manifest["metrics"]["vocab_size"])
+    tokenizer = ctx.inputs["tokenizer"].file("tokenizer.json")
     task = ray.remote(_evaluate_task).options(**task_options(cfg.resources.evaluate, "evaluate"))
-    ctx.progress.update(status=f"scoring up to {cfg.evaluate.max_tokens} validation tokens at "
-                               f"{len(set(cfg.evaluate.context_multipliers) | {1.0})} context lengths (one Ray task)")
+    if cfg.objective == "seq2seq":
+        ctx.progress.update(status=f"scoring validation pairs (loss, greedy exact match) up to {cfg.evaluate.max_tokens} "
+                                   "source tokens (one Ray task)")
+    else:
+        ctx.progress.update(status=f"scoring up to {cfg.evaluate.max_tokens} validation tokens at "
+                                   f"{len(set(cfg.evaluate.context_multipliers) | {1.0})} context lengths (one Ray task)")
     index = ctx.inputs.get("index")
     if index is not None:  # a k the index cannot serve fails here, before the model is loaded
         check_k(json.loads(index.file("index.json").read_text())["passages"], cfg.evaluate.retrieve.k, "evaluate.retrieve.k")
@@ -178,7 +201,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, index.ref if index else None,
                                  train_seq_len=cfg.train_seq_len, opts=cfg.evaluate, packing=cfg.train.packing,
                                  eos_token=cfg.tokenizer.eos_token, mixture=list(cfg.data.mixture()),
-                                 objective=objective_for(cfg, ctx.inputs["tokenizer"].file("tokenizer.json"), vocab)))
+                                 objective=objective_for(cfg, tokenizer, vocab), seq2seq=_seq2seq_ids(cfg, tokenizer)))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:
         ctx.tracker.log_artifact(ctx.run_id, path)

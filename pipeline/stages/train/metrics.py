@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tokenization.dataset import TokenWindows
+from tokenization.pairs import TaskPairs
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets; sparsity not counted).
 PEAK_BF16_TFLOPS = {
@@ -45,6 +46,9 @@ def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch
     if objective is not None:
         arrays = objective.model_inputs(data.batch(idx)[:, :-1], idx, draw=draw)
         return engine(*(torch.from_numpy(a).to(device) for a in arrays))
+    if isinstance(data, TaskPairs):  # seq2seq: records' sources and targets, right-padded
+        src, src_mask, tgt_in, tgt = (torch.from_numpy(a).to(device) for a in data.batch(idx))
+        return engine(src, tgt_in, tgt, src_mask=src_mask)
     batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
     segments = torch.from_numpy(data.segments(idx)).to(device) if data.documents else None  # (micro, T)
     targets = batch[:, 1:]
@@ -63,7 +67,8 @@ def validation_loss(engine: Any, windows: TokenWindows, *, rank: int, world: int
     (with the windows' segment ids when they carry documents: validation in the mode training uses).
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively). Masked LM and
     span corruption: the fixed corruption of draw 0, the same at every evaluation."""
-    n = min(len(windows), max(world, max_tokens // windows.seq_len))
+    per_item = windows.seq_len if isinstance(windows, TokenWindows) else max(1, windows.num_tokens // max(1, len(windows)))
+    n = min(len(windows), max(world, max_tokens // per_item))
     mine = np.arange(rank, n - n % world, world)
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     engine.eval()

@@ -145,7 +145,9 @@ def run(ctx: StageContext) -> dict[str, float]:
                         precision=hw["precision"], device=hw["device"])
     worker_config = {
         "model": model_dict(cfg, vocab),
-        "train": {**t.model_dump(mode="json"), "precision": hw["precision"], "device": hw["device"]},
+        "train": {**t.model_dump(mode="json"), "precision": hw["precision"], "device": hw["device"],
+                  # a relative path is the user's working directory's, not the Ray worker's
+                  "init_from": str(Path(t.init_from).expanduser().resolve()) if t.init_from else None},
         "seq_len": cfg.train_seq_len,
         "train_shards": [],  # each worker opens the prepared data on its own node
         "prepare": asdict(ctx.inputs["prepare"].ref),

@@ -57,6 +57,7 @@ from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
 from tokenization.dataset import TokenWindows, sample_indices
 from tokenization.mixture import mixture_indices
+from tokenization.pairs import TaskPairs
 from tokenization.shards import shard_paths
 
 DS_TAG = "deepspeed"
@@ -236,9 +237,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     checkpoints = Checkpoints.for_worker(under_ray, cfg.local_checkpoint_dir, rank)
     start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw)
     documents = t.get("packing", "stream") == "documents"
-    data = TokenWindows(cfg.train_shards, cfg.seq_len, documents=documents)
+    data = _dataset(cfg, cfg.train_shards, documents)
     draw = _sampler(cfg, data, per_source, rank=rank, world=world)
-    val = TokenWindows(cfg.val_shards, cfg.seq_len, documents=documents) if t.get("eval_every") and cfg.val_shards else None
+    val = _dataset(cfg, cfg.val_shards, documents) if t.get("eval_every") and cfg.val_shards else None
     # masked LM, span corruption: the corruption of each window, from the train options and the driver's ids
     objective = objective_from_ids(cfg.objective, t, cfg.model["vocab_size"])
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
@@ -282,7 +283,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     return {**last, **rates.summary()}
 
 
-def _sampler(cfg: WorkerConfig, data: TokenWindows, per_source: list[int], *, rank: int, world: int):
+def _dataset(cfg: WorkerConfig, shards: list[str], documents: bool) -> TokenWindows | TaskPairs:
+    """Windows of the token stream, or (seq2seq) one source/target pair per record, both up to seq_len tokens."""
+    if cfg.objective and cfg.objective["kind"] == "seq2seq":
+        return TaskPairs(shards, max_source=cfg.seq_len, max_target=cfg.seq_len, eos_id=cfg.objective["eos_id"],
+                         start_id=cfg.objective["start_id"])
+    return TokenWindows(shards, cfg.seq_len, documents=documents)
+
+
+def _sampler(cfg: WorkerConfig, data: TokenWindows | TaskPairs, per_source: list[int], *, rank: int, world: int):
     """step -> this rank's window indices: the seeded order over all windows, or a mixture's weighted draw over its
     sources' windows (`tokenization.mixture`); a pure function of the step either way."""
     t = cfg.train
