@@ -422,6 +422,11 @@ class Config(_Section):
         if objective == "masked_lm" and self.tokenizer.path is None and masking.mask_token not in self.tokenizer.special_tokens:
             raise ValueError(f"train.masking.mask_token {masking.mask_token!r} is not in tokenizer.special_tokens "
                              f"{self.tokenizer.special_tokens}: add it there")
+        if family == "encoder":  # fill-mask is one forward pass: nothing is decoded, sampled or searched
+            for key, value, default in (("num_beams", self.decode.num_beams, 1), ("num_samples", self.decode.num_samples, 1)):
+                if value != default:
+                    raise ValueError(f"decode.{key} {value}: an encoder fills masks in one forward pass (the top_k "
+                                     "candidates at each); beams and samples need a decoder")
         if family != "decoder":
             for key, on in (("train.packing: documents", self.train.packing == "documents"),
                             ("decode.retrieve", self.decode.retrieve is not None),

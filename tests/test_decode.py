@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import GPT, ModelConfig, load_model, save_model, state_dict_for_save
+from model import (
+    ModelConfig,
+    build_model,
+    load_model,
+    save_model,
+    state_dict_for_save,
+)
 from model.generation import SamplingOptions
 from pipeline.completion import complete, completion_logprobs
 from pipeline.config import parse_config
@@ -20,15 +26,17 @@ from tests.conftest import WORDS, tiny_raw
 from tokenization.bpe import load_tokenizer, train_bpe
 
 
-def make_model_dir(root: Path, pos: str = "learned", **kw) -> Path:
-    """A train-stage-like folder: a tiny BPE (with <|endoftext|>) and a tiny random GPT with sharp weights."""
+def make_model_dir(root: Path, pos: str = "learned", *, special_tokens: list[str] | None = None, **kw) -> Path:
+    """A train-stage-like folder: a tiny BPE (with <|endoftext|>) and a tiny random model (a GPT unless `kw` names
+    another family) with sharp weights."""
     rng = random.Random(0)
-    tok = train_bpe([" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(50)], vocab_size=300)
+    tok = train_bpe([" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(50)], vocab_size=300,
+                    special_tokens=special_tokens)
     root.mkdir(parents=True, exist_ok=True)
     tok.save(str(root / "tokenizer.json"))
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**{"vocab_size": tok.get_vocab_size(), "n_layer": 2, "n_head": 2, "d_model": 32,
-                               "max_seq_len": 32, "pos_encoding": pos, **kw}))
+    model = build_model(ModelConfig(**{"vocab_size": tok.get_vocab_size(), "n_layer": 2, "n_head": 2, "d_model": 32,
+                                       "max_seq_len": 32, "pos_encoding": pos, **kw}))
     with torch.no_grad():  # sharper than the init, so greedy completions depend on the prompt
         for p in model.parameters():
             if p.dim() >= 2:

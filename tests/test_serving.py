@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow.pyfunc
 import pandas as pd
 import pytest
 
@@ -230,3 +231,42 @@ def test_mlflow_models_serve_answers_a_generation_request_on_loopback(logged, tm
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _log(model_dir: Path, tmp_path: Path, tracking_uri: str, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment(name, artifact_location=(tmp_path / f"mlruns-{name}").as_uri()))
+    return log_generation_model(tracking_uri, run.info.run_id, model_dir)
+
+
+def test_an_encoders_served_model_fills_masks_and_refuses_a_prompt_without_one(tmp_path, tracking_uri):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.completion import fill_masks
+
+    model_dir = make_model_dir(tmp_path / "train", "learned", family="encoder", norm_position="post",
+                               special_tokens=["<|endoftext|>", "<|pad|>", "<|mask|>"])
+    served = mlflow.pyfunc.load_model(_log(model_dir, tmp_path, tracking_uri, "bert"))
+    prompts = ["the king <|mask|> the queen", "a <|mask|> of the <|mask|>"]
+    answers = served.predict(pd.DataFrame({"prompt": prompts}))
+    model, tok = load_model(model_dir)[0], load_tokenizer(model_dir / "tokenizer.json")
+    direct = fill_masks(model, tok, prompts, mask_token="<|mask|>", top_k=50)
+    assert [a["completion"] for a in answers] == [d["completion"] for d in direct]
+    assert [len(a["predictions"]) for a in answers] == [1, 2] and len(answers[0]["predictions"][0]) == 50
+    with pytest.raises(MlflowException, match="has no <|mask|>"):
+        served.predict({"prompt": ["no mask here"]})
+
+
+def test_an_encoder_decoders_served_model_answers_each_prompt_as_a_source(tmp_path, tracking_uri):
+    from pipeline.completion import transduce
+
+    model_dir = make_model_dir(tmp_path / "train", "t5", family="encoder-decoder", norm="rmsnorm", bias=False,
+                               mlp="relu", scale_attention=False)
+    served = mlflow.pyfunc.load_model(_log(model_dir, tmp_path, tracking_uri, "t5"))
+    prompts = ["the king and", "a lady of the"]
+    answers = served.predict(pd.DataFrame({"prompt": prompts, "temperature": [0.0, 0.0], "max_new_tokens": [5, 5]}))
+    model, tok = load_model(model_dir)[0], load_tokenizer(model_dir / "tokenizer.json")
+    direct = transduce(model, tok, prompts, SamplingOptions(max_new_tokens=5, temperature=0.0))
+    assert answers == [d["completion"] for d in direct] and all(answers)
