@@ -427,6 +427,11 @@ class Config(_Section):
                 if value != default:
                     raise ValueError(f"decode.{key} {value}: an encoder fills masks in one forward pass (the top_k "
                                      "candidates at each); beams and samples need a decoder")
+            mask = self.train.masking.mask_token
+            for i, prompt in enumerate(self.decode.prompts if self.decode.prompts_file is None else ()):
+                if mask not in prompt:
+                    raise ValueError(f"decode.prompts[{i}] has no {mask}: an encoder fills masks (put the mask token "
+                                     "where a word is missing)")
         if family != "decoder":
             for key, on in (("train.packing: documents", self.train.packing == "documents"),
                             ("decode.retrieve", self.decode.retrieve is not None),

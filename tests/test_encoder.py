@@ -207,6 +207,7 @@ def raw_encoder(corpus_dir: Path, root: Path, **train) -> dict:
     (lambda r: (r["model"].update(family="decoder"), r["train"].update(objective="masked_lm")),
      "train.objective masked_lm needs model.family encoder"),
     (lambda r: r["decode"].update(num_beams=4), "decode.num_beams 4: an encoder fills masks in one forward pass"),
+    (lambda r: r["decode"].update(prompts=["KING:\n"]), "decode.prompts[0] has no <|mask|>"),
 ])
 def test_what_an_encoder_cannot_do_is_one_line_before_any_work(change, key, corpus_dir, tmp_path, capsys):
     raw = raw_encoder(corpus_dir, tmp_path / "store")
