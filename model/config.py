@@ -46,7 +46,7 @@ class ModelConfig:
     n_layer: int = 4
     """Transformer blocks (an encoder-decoder: the encoder's)."""
     n_decoder_layer: int | None = None
-    """encoder-decoder: the decoder's blocks (default n_layer)."""
+    """encoder-decoder: the decoder's blocks (default n_layer); unset for the other families."""
     n_head: int = 4
     """Attention (query) heads."""
     n_kv_head: int | None = None
@@ -113,9 +113,11 @@ class ModelConfig:
         _check(self.norm_eps > 0 and self.init_std > 0, "norm_eps/init_std", f"must be > 0, got {self.norm_eps}/{self.init_std}")
         if self.pos_encoding == "rope":
             _check(self.head_dim % 2 == 0, "d_model", f"RoPE needs an even head_dim, got {self.head_dim}")
-        if self.n_decoder_layer is None:
+        if self.family == "encoder-decoder" and self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
-        _check(self.n_decoder_layer >= 1, "n_decoder_layer", f"must be >= 1, got {self.n_decoder_layer}")
+        _check(self.n_decoder_layer is None or (self.family == "encoder-decoder" and self.n_decoder_layer >= 1),
+               "n_decoder_layer", f"must be >= 1 and only an encoder-decoder has one, got {self.n_decoder_layer} "
+               f"with family {self.family!r}")
         _check(self.rel_buckets >= 2 and self.rel_max_distance >= 1, "rel_buckets",
                f"rel_buckets must be >= 2 and rel_max_distance >= 1, got {self.rel_buckets}, {self.rel_max_distance}")
         _check((self.pos_encoding == "t5") == (self.family == "encoder-decoder"), "pos_encoding",

@@ -240,8 +240,9 @@ def _workflow(args: argparse.Namespace) -> int:
                      f"{ev['exact_match']:.3f} on {int(ev['pairs'])} pairs")
         for m, what in (("mlm", "masked"), ("span", "span")):
             if f"{m}_loss" in ev:
-                out.line(f"validation {what} loss {ev[f'{m}_loss']:.4f} (ppl {ev[f'{m}_ppl']:.2f}), {what}-token accuracy "
-                         f"{ev[f'{m}_accuracy']:.3f} on {int(ev[f'{m}_tokens'])} {what} tokens")
+                unigram = f" vs unigram {ev[f'{m}_unigram_loss']:.4f}" if f"{m}_unigram_loss" in ev else ""
+                out.line(f"validation {what} loss {ev[f'{m}_loss']:.4f} (ppl {ev[f'{m}_ppl']:.2f}){unigram}, {what}-token "
+                         f"accuracy {ev[f'{m}_accuracy']:.3f} on {int(ev[f'{m}_tokens'])} {what} tokens")
         if "val_loss" in ev:
             out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
                      f"vs unigram {ev['unigram_loss']:.4f}")

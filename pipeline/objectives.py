@@ -102,10 +102,12 @@ def _windows(buffers: list[np.ndarray], T: int, max_tokens: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def objective_scores(model: Any, windows: np.ndarray, objective: Objective, *, batch_size: int) -> dict[str, float]:
-    """<metric>_loss, _ppl, _accuracy and _tokens (targets scored) over these windows."""
+def objective_scores(model: Any, windows: np.ndarray, objective: Objective, *, batch_size: int,
+                     unigram_logp: np.ndarray | None = None) -> dict[str, float]:
+    """<metric>_loss, _ppl, _accuracy and _tokens (targets scored) over these windows; with the training data's
+    unigram log-probabilities, also <metric>_unigram_loss: the loss of predicting every target by its frequency."""
     device = next(model.parameters()).device
-    nll, correct, count = 0.0, 0, 0
+    nll, correct, count, unigram = 0.0, 0, 0, 0.0
     for start in range(0, len(windows), batch_size):
         ids = np.arange(start, min(start + batch_size, len(windows)))
         *inputs, targets = (torch.from_numpy(a).to(device) for a in objective.model_inputs(windows[ids], ids, draw=0))
@@ -114,15 +116,20 @@ def objective_scores(model: Any, windows: np.ndarray, objective: Objective, *, b
         nll += float(torch.nn.functional.cross_entropy(logits[chosen], targets[chosen], reduction="sum"))
         correct += int((logits[chosen].argmax(-1) == targets[chosen]).sum())
         count += int(chosen.sum())
+        if unigram_logp is not None:
+            unigram -= float(unigram_logp[targets[chosen].cpu().numpy()].sum())
     loss, m = nll / count, objective.metric
-    return {f"{m}_loss": loss, f"{m}_ppl": math.exp(min(loss, 700.0)), f"{m}_accuracy": correct / count,
-            f"{m}_tokens": float(count)}
+    out = {f"{m}_loss": loss, f"{m}_ppl": math.exp(min(loss, 700.0)), f"{m}_accuracy": correct / count,
+           f"{m}_tokens": float(count)}
+    return out | ({f"{m}_unigram_loss": unigram / count} if unigram_logp is not None else {})
 
 
 def objective_sweep(model: Any, val: list[np.ndarray], *, train_seq_len: int, opts: EvalOptions,
-                    objective: Objective) -> dict[str, Any]:
+                    objective: Objective, unigram_logp: np.ndarray | None = None) -> dict[str, Any]:
     """eval.json's content for an encoder or an encoder-decoder: the headline metrics at the training length, and
-    one row per swept length (`<metric>_loss_ctx_<T>`, `<metric>_accuracy_ctx_<T>` in the metrics)."""
+    one row per swept length (`<metric>_loss_ctx_<T>`, `<metric>_accuracy_ctx_<T>` in the metrics). Masked LM
+    also gets the unigram baseline on the same targets (`mlm_unigram_loss`); span corruption's targets are half
+    sentinels, which the text never holds, so no frequency baseline fits them."""
     lengths: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     m = objective.metric
@@ -136,7 +143,8 @@ def objective_sweep(model: Any, val: list[np.ndarray], *, train_seq_len: int, op
         if not model.supports_length(T):
             lengths.append({"context": T, "multiplier": mult, "supported": False, "why": "a learned position table"})
             continue
-        scores = objective_scores(model, _windows(val, T, opts.max_tokens), objective, batch_size=opts.batch_size)
+        scores = objective_scores(model, _windows(val, T, opts.max_tokens), objective, batch_size=opts.batch_size,
+                                  unigram_logp=unigram_logp if m == "mlm" else None)
         lengths.append({"context": T, "multiplier": mult, "supported": True, **scores})
         metrics |= {f"{m}_loss_ctx_{T}": scores[f"{m}_loss"], f"{m}_accuracy_ctx_{T}": scores[f"{m}_accuracy"]}
         if mult == 1.0:

@@ -95,7 +95,8 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
         return pairs_scores(model, pairs, max_tokens=opts.max_tokens, batch_size=opts.batch_size)
     if model.config.family != "decoder":
         assert objective is not None, f"an {model.config.family} is evaluated on its training objective"
-        return objective_sweep(model, val, train_seq_len=train_seq_len, opts=opts, objective=objective)
+        unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
+        return objective_sweep(model, val, train_seq_len=train_seq_len, opts=opts, objective=objective, unigram_logp=unigram)
     doc_starts = [read_document_starts(p) for p, _ in kept] if packing == "documents" else None
     masks = [read_loss_mask(p) for p, _ in kept]  # task data: score the completion tokens only
     masks = masks if masks and all(m is not None for m in masks) else None

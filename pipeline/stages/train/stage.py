@@ -59,8 +59,8 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
 # Train fields added after models were trained without them, with the value that reproduces those models.
 _LATER_DEFAULTS = {"packing": "stream", "compile": False, "lora": None}  # lora None: full fine-tuning
 # the model every config meant before families (n_decoder_layer: only an encoder-decoder has a decoder stack)
-_MODEL_LATER_DEFAULTS = {"family": "decoder", "norm_position": "pre", "rel_buckets": 32, "rel_max_distance": 128,
-                         "scale_attention": True}
+_MODEL_LATER_DEFAULTS = {"family": "decoder", "norm_position": "pre", "n_decoder_layer": None, "rel_buckets": 32,
+                         "rel_max_distance": 128, "scale_attention": True}
 
 
 def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
@@ -83,8 +83,6 @@ def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
         train["init_from"] = init_identity(cfg.train.init_from)
     mixture = {"mixture": cfg.data.mixture()} if cfg.data.sources else {}  # what training draws (prepare ignores it)
     model = fingerprint_view(cfg.model)
-    if cfg.model.family != "encoder-decoder":
-        del model["n_decoder_layer"]
     for key, default in _MODEL_LATER_DEFAULTS.items():
         if model.get(key) == default:
             del model[key]
