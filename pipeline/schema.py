@@ -24,7 +24,6 @@ scaling a run out must not invalidate its data. See `pipeline.fingerprints`.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,8 +35,9 @@ from model.lora import LoraOptions
 from model.presets import PRESETS
 from model.rag import RetrieveOptions
 from model.scoring import EvalOptions
+from pipeline.corpus_config import DataConfig, IndexConfig, no_fp
+from pipeline.families import check_family, objective_of
 from tokenization.bpe import EOS, SPECIAL_TOKENS
-from tokenization.documents import DocOptions
 from tokenization.masking import MaskingOptions
 from tokenization.spans import SpanOptions
 
@@ -47,9 +47,7 @@ def _nf(default: Any, description: str, **kw: Any) -> Any:
     return Field(default, description=description, json_schema_extra={"fingerprint": False}, **kw)
 
 
-def _no_fp(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field that does not enter the fingerprint."""
-    return dataclasses.field(default=default, metadata={"fingerprint": False}, **kw)
+_no_fp = no_fp  # a dataclass field that does not enter the fingerprint (`pipeline.corpus_config`)
 
 
 class _Section(BaseModel):
@@ -58,115 +56,6 @@ class _Section(BaseModel):
 
 class StoreConfig(_Section):
     root: str = Field("artifacts", description="Artifact store root: a local folder or any pyarrow.fs URI (s3://, gs://).")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataSource:
-    """One source of a weighted mixture (`data.sources`): its own inputs and its share of the training samples."""
-
-    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True, "allow_inf_nan": False}
-
-    name: str
-    """Names the source in metrics (`val_loss_<name>`, `share_<name>`): letters, digits, `_` and `-`."""
-    inputs: list[str]
-    """Its files, folders or globs, in any form data.inputs accepts."""
-    weight: float = 1.0
-    """Its share of the training samples (weights are normalised to sum to 1). Changing it retrains; it never re-tokenises (prepare's fingerprint leaves weights out)."""
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
-            raise ValueError(f"DataSource.name: {self.name!r} must be letters, digits, '_' or '-' (it names metrics)")
-        if not self.inputs:
-            raise ValueError(f"DataSource.inputs: source {self.name!r} needs at least one file, folder or glob")
-        if not self.weight > 0:
-            raise ValueError(f"DataSource.weight: source {self.name!r} needs a weight > 0, got {self.weight}")
-
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig(DocOptions):
-    """The `data` section: the corpus, how documents are cleaned (`DocOptions`) and how they are sharded."""
-
-    inputs: list[str] = dataclasses.field(default_factory=list)
-    """Files, directories or globs: local paths, pyarrow.fs URIs (s3://, gs://, hdfs://; filesystem options as a query, e.g. ?endpoint_override=host:9000&scheme=http) or pkg://PACKAGE/glob (data a package ships). .txt/.md files are one document each; .jsonl, .jsonl.gz, .jsonl.zst, .json (an array of records or strings) and .parquet hold one per record; a UTF-8 BOM is dropped. A folder is read for every one of these; other files in it are named in a warning. Files are identified by content and by their path relative to the entry (package-relative for pkg://), so a copied corpus is the same input. Give this or `sources`."""
-    sources: list[DataSource] = dataclasses.field(default_factory=list)
-    """A weighted mixture instead of one corpus: `[{name, inputs, weight}, ...]`. Each source is sharded on its own (a shard never mixes sources); training draws each source's share of every run of samples from its weight, and evaluation reports a validation loss per source. The tokenizer trains on all of them."""
-    val_fraction: float = 0.05
-    """Fraction of documents (by content hash) held out for validation."""
-    shard_size_mb: float = 64.0
-    """Target raw bytes per shard; fixes the shard plan, hence the output bytes."""
-    append_eos: bool = True
-    """Append the EOS token after every document."""
-    dedup: bool = True
-    """Drop exact duplicate documents (by content hash) across all shards."""
-    num_tasks: int | None = _no_fp(None)
-    """Ray tasks for prepare (default: one per shard); never changes the output."""
-    max_retries: int = _no_fp(3)
-    """Ray retries of a task whose worker died."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.inputs and self.sources:
-            raise ValueError("DataConfig.sources: give data.inputs (one corpus) or data.sources (a mixture), not both")
-        if not self.inputs and not self.sources:
-            raise ValueError("DataConfig.inputs: give at least one file, folder or glob (or data.sources)")
-        names = [s.name for s in self.sources]
-        if dup := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"DataConfig.sources: source names must be unique (they name metrics), repeated: {', '.join(dup)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"DataConfig.val_fraction: must be in (0, 1), got {self.val_fraction}")
-        if self.shard_size_mb <= 0:
-            raise ValueError(f"DataConfig.shard_size_mb: must be > 0, got {self.shard_size_mb}")
-        if self.num_tasks is not None and self.num_tasks < 1:
-            raise ValueError(f"DataConfig.num_tasks: must be >= 1, got {self.num_tasks}")
-        if self.max_retries < 0:
-            raise ValueError(f"DataConfig.max_retries: must be >= 0, got {self.max_retries}")
-
-    def input_groups(self) -> dict[str, list[str]]:
-        """The inputs by source: {name: specs} for a mixture, {"": data.inputs} for one corpus."""
-        return {s.name: list(s.inputs) for s in self.sources} if self.sources else {"": list(self.inputs)}
-
-    def all_inputs(self) -> list[str]:
-        """Every input spec, of every source (what the tokenizer trains on and every node must see)."""
-        return [spec for specs in self.input_groups().values() for spec in specs]
-
-    def mixture(self) -> dict[str, float]:
-        """{source name: normalised weight}; empty for one corpus."""
-        total = sum(s.weight for s in self.sources)
-        return {s.name: s.weight / total for s in self.sources}
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexConfig(DocOptions):
-    """The `index` section: a knowledge corpus for retrieval, read like `data` (`DocOptions`), cut into passages."""
-
-    inputs: list[str]
-    """The knowledge corpus, in any form data.inputs accepts (files, folders, globs, pyarrow.fs URIs, pkg://). Its files are identified by content, so editing one reruns only `index` and what reads it, never `train`."""
-    passage_tokens: int = 128
-    """Tokens per passage (the tokenizer stage's tokenizer)."""
-    overlap: int = 16
-    """Tokens each passage shares with the one before it."""
-    kind: Literal["bm25", "dense", "hybrid"] = "bm25"
-    """bm25 (bm25s, word tokens); dense (faiss inner product over the trained model's mean-pooled, L2-normalised final hidden states: needs `train`); hybrid (reciprocal rank fusion of both)."""
-    num_tasks: int | None = _no_fp(None)
-    """Ray tasks that cut passages (default: one per input file); never changes the output."""
-    max_retries: int = _no_fp(3)
-    """Ray retries of a task whose worker died."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.inputs:
-            raise ValueError("IndexConfig.inputs: give at least one file, folder or glob")
-        if self.format != "text":
-            raise ValueError(f"IndexConfig.format: a knowledge corpus is text, got {self.format!r}")
-        if self.passage_tokens < 1:
-            raise ValueError(f"IndexConfig.passage_tokens: must be >= 1, got {self.passage_tokens}")
-        if not 0 <= self.overlap < self.passage_tokens:
-            raise ValueError(f"IndexConfig.overlap: must be in [0, passage_tokens={self.passage_tokens}), got {self.overlap}")
-        if self.num_tasks is not None and self.num_tasks < 1:
-            raise ValueError(f"IndexConfig.num_tasks: must be >= 1, got {self.num_tasks}")
-        if self.max_retries < 0:
-            raise ValueError(f"IndexConfig.max_retries: must be >= 0, got {self.max_retries}")
 
 
 class TokenizerConfig(_Section):
@@ -340,10 +229,6 @@ class TrackingConfig(_Section):
         return value
 
 
-# what each family trains on, its default first
-_OBJECTIVES = {"decoder": ("causal_lm",), "encoder": ("masked_lm",), "encoder-decoder": ("span_corruption", "seq2seq")}
-
-
 class Config(_Section):
     name: str = Field(..., min_length=1, description="Experiment name, one folder name (the store keeps `_runs/<name>.json`); also the MLflow experiment.")
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -397,57 +282,13 @@ class Config(_Section):
             )
         if t.warmup_steps > t.steps:
             raise ValueError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
-        self._family_checks()
+        check_family(self)
         return self
-
-    def _family_checks(self) -> None:
-        """What an encoder cannot do, and the objective each family trains on, before any work."""
-        family, objective = self.model.family, self.objective
-        if objective not in _OBJECTIVES[family]:
-            needs = next(f for f, o in _OBJECTIVES.items() if objective in o)
-            raise ValueError(f"train.objective {objective} needs model.family {needs}, got {family}")
-        if (objective == "seq2seq") != (family == "encoder-decoder" and self.data.format != "text"):
-            raise ValueError(f"train.objective {objective} with data.format {self.data.format}: an encoder-decoder trains "
-                             "seq2seq on prompt_completion records and span_corruption on text")
-        if objective == "seq2seq" and self.data.format != "prompt_completion":
-            raise ValueError(f"data.format {self.data.format}: an encoder-decoder's seq2seq training reads "
-                             "prompt_completion records (a prompt becomes the source, its completion the target)")
-        if objective == "span_corruption" and self.tokenizer.path is None:
-            _, spans = self.train.spans.shape(self.train_seq_len)
-            if spans > self.tokenizer.sentinels:
-                raise ValueError(f"tokenizer.sentinels: a window of {self.train_seq_len} tokens has {spans} spans with "
-                                 f"train.spans, so span corruption needs at least {spans} sentinel tokens, got "
-                                 f"{self.tokenizer.sentinels}")
-        masking = self.train.masking
-        if objective == "masked_lm" and self.tokenizer.path is None and masking.mask_token not in self.tokenizer.special_tokens:
-            raise ValueError(f"train.masking.mask_token {masking.mask_token!r} is not in tokenizer.special_tokens "
-                             f"{self.tokenizer.special_tokens}: add it there")
-        if family == "encoder":  # fill-mask is one forward pass: nothing is decoded, sampled or searched
-            for key, value, default in (("num_beams", self.decode.num_beams, 1), ("num_samples", self.decode.num_samples, 1)):
-                if value != default:
-                    raise ValueError(f"decode.{key} {value}: an encoder fills masks in one forward pass (the top_k "
-                                     "candidates at each); beams and samples need a decoder")
-            mask = self.train.masking.mask_token
-            for i, prompt in enumerate(self.decode.prompts if self.decode.prompts_file is None else ()):
-                if mask not in prompt:
-                    raise ValueError(f"decode.prompts[{i}] has no {mask}: an encoder fills masks (put the mask token "
-                                     "where a word is missing)")
-        if family != "decoder":
-            for key, on in (("train.packing: documents", self.train.packing == "documents"),
-                            ("decode.retrieve", self.decode.retrieve is not None),
-                            ("evaluate.retrieve", self.evaluate.retrieve is not None), ("tasks", self.tasks is not None)):
-                if on:
-                    raise ValueError(f"{key} needs a decoder (model.family: decoder); an {family} model has no "
-                                     "next-token scores over one stream")
 
     @property
     def objective(self) -> str:
-        """train.objective, or the model family's own when unset."""
-        if self.train.objective:
-            return self.train.objective
-        if self.model.family == "encoder-decoder" and self.data.format != "text":
-            return "seq2seq"
-        return _OBJECTIVES[self.model.family][0]
+        """train.objective, or the model family's own when unset (`pipeline.families`)."""
+        return objective_of(self)
 
     @property
     def train_seq_len(self) -> int:

@@ -147,7 +147,7 @@ import json, sys
 from pipeline.stages.train import worker
 
 out = open(sys.argv[2], "w")
-real_indices, real_metrics = worker.sample_indices, worker._Rates.metrics
+real_indices, real_metrics = worker.sample_indices, worker.Rates.metrics
 
 
 def sample_indices(step, **kw):  # the real function; what each step consumes is written down
@@ -162,7 +162,7 @@ def metrics(self, loss, lr, dt, done, **kw):  # the real method; the all-reduced
     return real_metrics(self, loss, lr, dt, done, **kw)
 
 
-worker.sample_indices, worker._Rates.metrics = sample_indices, metrics
+worker.sample_indices, worker.Rates.metrics = sample_indices, metrics
 worker.train_loop_per_worker(json.loads(sys.argv[1]))
 """
 

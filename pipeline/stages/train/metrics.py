@@ -1,5 +1,6 @@
-"""What training reports besides the loss: MFU's peak FLOP/s, the periodic validation loss, the progress line
-(and the forward pass over a batch of windows that training and validation share).
+"""What training reports besides the loss: throughput and MFU (`Rates`, with the peak FLOP/s table), the time
+spent outside steps (`Costs`), the periodic validation loss, the progress line (and the forward pass over a
+batch of windows that training and validation share).
 
 Plain PyTorch (DeepSpeed's engine is passed in, never imported), so each piece
 can be tested alone.
@@ -7,11 +8,13 @@ can be tested alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from model.config import ModelConfig, flops_per_token
 from tokenization.dataset import TokenWindows
 from tokenization.pairs import TaskPairs
 
@@ -79,6 +82,64 @@ def validation_loss(engine: Any, windows: TokenWindows, *, rank: int, world: int
     engine.train()
     torch.distributed.all_reduce(totals)
     return float(totals[0] / totals[1])
+
+
+@dataclass
+class Costs:
+    """Seconds of this worker outside optimizer steps: its start-up (data, process group, model, DeepSpeed,
+    resume) and its checkpoints, beside the seconds in steps (this run's). Reported with the final step, whose
+    metrics are written during the final checkpoint's save: `checkpoint_s` is the mean of the ones before it."""
+
+    startup_s: float
+    steps_s: float = 0.0
+    checkpoints: int = 0
+    checkpoint_total_s: float = 0.0
+
+    def saved(self, seconds: float) -> None:
+        self.checkpoints, self.checkpoint_total_s = self.checkpoints + 1, self.checkpoint_total_s + seconds
+
+    def metrics(self) -> dict[str, float]:
+        m = {"train/startup_s": self.startup_s, "train/steps_s": self.steps_s}
+        if self.checkpoints:
+            m["train/checkpoint_s"] = self.checkpoint_total_s / self.checkpoints
+        return m
+
+
+class Rates:
+    """Throughput, MFU and memory for the step metrics (first step of a process excluded from the summary)."""
+
+    def __init__(self, train: dict[str, Any], model: dict[str, Any], seq_len: int, device: torch.device, world: int):
+        self.tokens_per_step = train["global_batch_size"] * seq_len
+        self.samples_per_step = train["global_batch_size"]
+        self.flops_per_token = flops_per_token(ModelConfig(**model), seq_len=seq_len)
+        peak = peak_flops(device, train.get("peak_tflops"))
+        self.peak_total = peak * world if peak else None
+        self.device = device
+        self.steady_time, self.steady_steps = 0.0, 0
+
+    def metrics(self, loss: float, lr: float, dt: float, done: int, *, first: bool, grad_norm: Any) -> dict[str, float]:
+        if not first:
+            self.steady_time, self.steady_steps = self.steady_time + dt, self.steady_steps + 1
+        tps = self.tokens_per_step / dt
+        m = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps, "train/samples_per_s": self.samples_per_step / dt,
+             "train/step_time_s": dt, "train/tokens": float(done * self.tokens_per_step)}
+        if grad_norm is not None:
+            m["train/grad_norm"] = float(grad_norm)
+        if self.peak_total:
+            m["train/mfu"] = tps * self.flops_per_token / self.peak_total
+        if self.device.type == "cuda":
+            m["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return m
+
+    def summary(self) -> dict[str, float]:
+        if not self.steady_steps:
+            return {}
+        tps = self.tokens_per_step * self.steady_steps / self.steady_time
+        out = {"train/steady_tokens_per_s": tps}
+        if self.peak_total:
+            out["train/steady_mfu"] = tps * self.flops_per_token / self.peak_total
+        return out
+
 
 
 def progress_line(step: int, total: int, metrics: dict[str, float], elapsed_s: float, done_before: int) -> str:

@@ -32,7 +32,6 @@ import torch
 from model import (
     ModelConfig,
     build_model,
-    flops_per_token,
     save_model,
     state_dict_for_save,
 )
@@ -50,7 +49,7 @@ from pipeline.stages.train.checkpoints import (
 )
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
 from pipeline.stages.train.lora import final_weights, write_adapter
-from pipeline.stages.train.metrics import forward_loss, peak_flops, validation_loss
+from pipeline.stages.train.metrics import Costs, Rates, forward_loss, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
 from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
@@ -243,10 +242,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     # masked LM, span corruption: the corruption of each window, from the train options and the driver's ids
     objective = objective_from_ids(cfg.objective, t, cfg.model["vocab_size"])
     logger = step_logger(cfg.tracking_uri, cfg.run_id, rank)
-    rates = _Rates(cfg, device, world)
+    rates = Rates(cfg.train, cfg.model, cfg.seq_len, device, world)
     steps, last = t["steps"], resumed  # the resumed checkpoint's metrics, until this run logs its own
     t_start = time.perf_counter()
-    costs = _Costs(startup_s=t_start - t_begin)  # what the run spent outside optimizer steps, in the final metrics
+    costs = Costs(startup_s=t_start - t_begin)  # what the run spent outside optimizer steps, in the final metrics
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         lr = lr_at(step, lr=t["lr"], min_lr=t["min_lr"], warmup_steps=t["warmup_steps"], total_steps=steps,
@@ -307,63 +306,6 @@ def _sampler(cfg: WorkerConfig, data: TokenWindows | TaskPairs, per_source: list
     weights = list(cfg.mixture.values())
     return lambda step: mixture_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
                                         ranges=ranges, weights=weights, seed=t["seed"])[0]
-
-
-@dataclass
-class _Costs:
-    """Seconds of this worker outside optimizer steps: its start-up (data, process group, model, DeepSpeed,
-    resume) and its checkpoints, beside the seconds in steps (this run's). Reported with the final step, whose
-    metrics are written during the final checkpoint's save: `checkpoint_s` is the mean of the ones before it."""
-
-    startup_s: float
-    steps_s: float = 0.0
-    checkpoints: int = 0
-    checkpoint_total_s: float = 0.0
-
-    def saved(self, seconds: float) -> None:
-        self.checkpoints, self.checkpoint_total_s = self.checkpoints + 1, self.checkpoint_total_s + seconds
-
-    def metrics(self) -> dict[str, float]:
-        m = {"train/startup_s": self.startup_s, "train/steps_s": self.steps_s}
-        if self.checkpoints:
-            m["train/checkpoint_s"] = self.checkpoint_total_s / self.checkpoints
-        return m
-
-
-class _Rates:
-    """Throughput, MFU and memory for the step metrics (first step of a process excluded from the summary)."""
-
-    def __init__(self, cfg: WorkerConfig, device: torch.device, world: int):
-        self.tokens_per_step = cfg.train["global_batch_size"] * cfg.seq_len
-        self.samples_per_step = cfg.train["global_batch_size"]
-        self.flops_per_token = flops_per_token(ModelConfig(**cfg.model), seq_len=cfg.seq_len)
-        peak = peak_flops(device, cfg.train.get("peak_tflops"))
-        self.peak_total = peak * world if peak else None
-        self.device = device
-        self.steady_time, self.steady_steps = 0.0, 0
-
-    def metrics(self, loss: float, lr: float, dt: float, done: int, *, first: bool, grad_norm: Any) -> dict[str, float]:
-        if not first:
-            self.steady_time, self.steady_steps = self.steady_time + dt, self.steady_steps + 1
-        tps = self.tokens_per_step / dt
-        m = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps, "train/samples_per_s": self.samples_per_step / dt,
-             "train/step_time_s": dt, "train/tokens": float(done * self.tokens_per_step)}
-        if grad_norm is not None:
-            m["train/grad_norm"] = float(grad_norm)
-        if self.peak_total:
-            m["train/mfu"] = tps * self.flops_per_token / self.peak_total
-        if self.device.type == "cuda":
-            m["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return m
-
-    def summary(self) -> dict[str, float]:
-        if not self.steady_steps:
-            return {}
-        tps = self.tokens_per_step * self.steady_steps / self.steady_time
-        out = {"train/steady_tokens_per_s": tps}
-        if self.peak_total:
-            out["train/steady_mfu"] = tps * self.flops_per_token / self.peak_total
-        return out
 
 
 def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *, final: bool, rank: int,
