@@ -64,9 +64,10 @@ def objective_ids(cfg: Config, tokenizer_json: str | Path) -> dict[str, Any] | N
         return {"kind": "seq2seq", "eos_id": eos, "start_id": pad}
     sentinels = [tok.token_to_id(t) for t in sentinel_tokens(cfg.tokenizer.sentinels or 1000)]
     sentinels = sentinels[: sentinels.index(None)] if None in sentinels else sentinels
-    if not sentinels:
-        raise ConfigError(f"train.objective span_corruption: the tokenizer {tokenizer_json} has no sentinel tokens "
-                          "(tokenizer.sentinels)")
+    spans = cfg.train.spans.shape(cfg.train_seq_len)[1]
+    if len(sentinels) < spans:  # a given tokenizer (tokenizer.path): known only now
+        raise ConfigError(f"train.objective span_corruption: a window of {cfg.train_seq_len} tokens has {spans} spans "
+                          f"but the tokenizer {tokenizer_json} has {len(sentinels)} sentinel tokens (tokenizer.sentinels)")
     return {"kind": "span_corruption", "sentinel_ids": sentinels, "eos_id": eos, "start_id": pad}
 
 

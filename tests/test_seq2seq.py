@@ -317,3 +317,18 @@ def test_a_span_corruption_run_resumed_from_a_checkpoint_trains_exactly_as_an_un
               "seq_len": 16, "train_shards": [path],
               "objective": {"kind": "span_corruption", "sentinel_ids": list(range(64, 80)), "eos_id": 1, "start_id": 0}}
     assert "dec_bias.table.weight" in resumed_equals_uninterrupted(config, tmp_path)
+
+
+def test_a_given_tokenizer_with_too_few_sentinels_is_a_config_error_naming_the_key(corpus_dir, tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+    from pipeline.objectives import objective_ids
+    from tokenization.bpe import train_bpe
+
+    tok = train_bpe(["the king and the queen"] * 20, vocab_size=270,
+                    special_tokens=["<|endoftext|>", "<|pad|>", "<|sentinel_0|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    raw = raw_t5(corpus_dir, tmp_path / "store")
+    raw["tokenizer"] = {"path": str(tmp_path / "tokenizer.json")}
+    with pytest.raises(ConfigError, match=r"2 spans but the tokenizer .* has 1 sentinel tokens \(tokenizer.sentinels\)"):
+        objective_ids(parse_config(raw), tmp_path / "tokenizer.json")
