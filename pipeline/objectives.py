@@ -7,8 +7,8 @@ which share `model_inputs`, `draw_for`, `check_length` and a `metric` prefix).
 `objective_ids` looks up in the run's tokenizer the ids the objective needs (the
 mask token and every special token; the sentinels, the end token and the
 decoder's start token, the padding token as in T5), naming the config key when
-one is missing; `objective_for` binds them to the options and the seed. Training
-(`pipeline.stages.train`) rebuilds the same object on each worker from the ids.
+one is missing; `objective_from_ids` binds them to the options and the seed, on
+each training worker and in `evaluate`, from the same ids.
 
 `objective_sweep` is the `evaluate` stage's measure for these families:
 validation windows of each swept length T are cut from the start of each
@@ -81,11 +81,6 @@ def objective_from_ids(ids: dict[str, Any] | None, train: dict[str, Any], vocab_
                       vocab_size=vocab_size, seed=train["seed"])
     return SpanCorrupter(SpanOptions(**train["spans"]), sentinel_ids=tuple(ids["sentinel_ids"]), eos_id=ids["eos_id"],
                          start_id=ids["start_id"], seed=train["seed"])
-
-
-def objective_for(cfg: Config, tokenizer_json: str | Path, vocab_size: int) -> Objective | None:
-    """The run's objective (None for causal LM): what training corrupts with, and validation with draw 0."""
-    return objective_from_ids(objective_ids(cfg, tokenizer_json), cfg.train.model_dump(mode="json"), vocab_size)
 
 
 def _windows(buffers: list[np.ndarray], T: int, max_tokens: int) -> np.ndarray:

@@ -36,7 +36,7 @@ from pipeline.errors import ConfigError
 from pipeline.fingerprints import as_dict, fingerprint_view
 from pipeline.objectives import (
     Objective,
-    objective_for,
+    objective_from_ids,
     objective_ids,
     objective_sweep,
     pairs_scores,
@@ -124,11 +124,6 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     return result
 
 
-def _seq2seq_ids(cfg: Config, tokenizer: Path) -> dict[str, int] | None:
-    ids = objective_ids(cfg, tokenizer) if cfg.objective == "seq2seq" else None
-    return {"eos_id": ids["eos_id"], "start_id": ids["start_id"]} if ids else None
-
-
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """extrapolation.png (perplexity by context length, one line per RoPE scaling) and
     loss_by_position.png (loss by position within the window, one line per length); for an encoder,
@@ -187,7 +182,8 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     cfg = ctx.config
     vocab = int(ctx.inputs["tokenizer"].manifest["metrics"]["vocab_size"])
-    tokenizer = ctx.inputs["tokenizer"].file("tokenizer.json")
+    ids = objective_ids(cfg, ctx.inputs["tokenizer"].file("tokenizer.json"))  # the tokenizer read once
+    seq2seq = ids is not None and ids["kind"] == "seq2seq"
     task = ray.remote(_evaluate_task).options(**task_options(cfg.resources.evaluate, "evaluate"))
     if cfg.objective == "seq2seq":
         ctx.progress.update(status=f"scoring validation pairs (loss, greedy exact match) up to {cfg.evaluate.max_tokens} "
@@ -202,7 +198,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     result = ray.get(task.remote(ctx.inputs["train"].ref, ctx.inputs["prepare"].ref, index.ref if index else None,
                                  train_seq_len=cfg.train_seq_len, opts=cfg.evaluate, packing=cfg.train.packing,
                                  eos_token=cfg.tokenizer.eos_token, mixture=list(cfg.data.mixture()),
-                                 objective=objective_for(cfg, tokenizer, vocab), seq2seq=_seq2seq_ids(cfg, tokenizer)))
+                                 objective=objective_from_ids(ids, cfg.train.model_dump(mode="json"), vocab),
+                                 seq2seq={k: ids[k] for k in ("eos_id", "start_id")} if seq2seq else None))
     (ctx.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     for path in [ctx.out_dir / "eval.json", *plot(result, ctx.out_dir)]:
         ctx.tracker.log_artifact(ctx.run_id, path)

@@ -337,9 +337,10 @@ def _check_compatible(state: dict[str, Any], cfg: WorkerConfig, where: str, hw: 
     naming both values."""
     world = torch.distributed.get_world_size()
     # through ModelConfig: a checkpoint written before a field existed holds it at its default
-    theirs = ModelConfig(**state["model"]).to_dict() if "model" in state else cfg.model
-    if theirs != ModelConfig(**cfg.model).to_dict():
-        diff = {k: (theirs.get(k), v) for k, v in ModelConfig(**cfg.model).to_dict().items() if theirs.get(k) != v}
+    ours = ModelConfig(**cfg.model).to_dict()
+    theirs = ModelConfig(**state["model"]).to_dict() if "model" in state else ours
+    if theirs != ours:
+        diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
         raise TrainingError(f"train: checkpoint {where} is for another model: " + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items()))
     check_same_layout(state, world, where)
     check_same_hardware(state, hw["precision"], hw["device"], where)
