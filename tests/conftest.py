@@ -16,6 +16,11 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
 
 
+# `make test` runs two test processes on two cores: a tiny model gains nothing from a second torch thread, and on a
+# busy machine the threads of one process wait on each other (the in-process training tests took 4x as long). Ray's
+# workers already get one thread per CPU they hold; `llmpipe run` subprocesses inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Ray Train's controller notices a finished or failed worker group at its next health check (every 2 s by default)
 # and watches for cloud preemption notices in an actor of its own; the suite's many short runs wait less without both.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -27,6 +32,12 @@ LONGEST_FIRST = ("tests/test_cluster.py", "tests/reliability/test_driver_kill.py
                  "tests/reliability/test_tracking_outage.py", "tests/test_training.py",
                  "tests/reliability/test_security.py", "tests/test_run_output.py", "tests/test_pipeline_e2e.py",
                  "tests/test_evaluate.py", "tests/test_context_extension.py", "tests/test_golden.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch before this file
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -227,7 +227,7 @@ def _training_text(rng: random.Random, n: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_tiny_model_answers_facts_absent_from_its_training_text_only_with_retrieval(tmp_path, request):
+def test_a_tiny_model_answers_facts_absent_from_its_training_text_only_with_retrieval(tmp_path):
     rng = random.Random(0)
     train_docs = _training_text(rng, 2000)
     tok = train_bpe(train_docs, vocab_size=300, special_tokens=[EOS])
@@ -238,9 +238,6 @@ def test_a_tiny_model_answers_facts_absent_from_its_training_text_only_with_retr
     starts_at = np.cumsum([0] + [len(e) for e in encoded[:-1]])
     starts_at = starts_at[starts_at < len(stream) - 33]
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only wait on each other on a busy machine
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
     model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, d_model=48, max_seq_len=48,
                             pos_encoding="rope"))
     opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
