@@ -16,7 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none", "t5")
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none", "t5", "xl")
+MEMORY_POS_ENCODINGS = ("xl", "rope", "alibi", "none")  # relative: defined across a segment boundary
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu", "relu", "geglu")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
@@ -57,8 +58,10 @@ class ModelConfig:
     """MLP hidden width (default 4 * d_model; about 8/3 * d_model for SwiGLU, rounded up to a multiple of 64)."""
     max_seq_len: int = 256
     """Training context; the size of a learned position table."""
-    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none", "t5"] = "learned"
-    """Positional encoding (all but learned can score windows longer than max_seq_len); t5: T5's bucketed relative position bias, one table per stack shared by its layers (encoder-decoder only, for now)."""
+    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none", "t5", "xl"] = "learned"
+    """Positional encoding (all but learned can score windows longer than max_seq_len); t5: T5's bucketed relative position bias, one table per stack shared by its layers (encoder-decoder only, for now); xl: Transformer-XL's relative encoding, sinusoids of the distance projected per layer plus the learned content and position biases u and v (decoder only)."""
+    memory_len: int = 0
+    """Transformer-XL segment memory: each layer also attends over the previous memory_len positions' hidden states, carried detached from the previous segment (training then reads consecutive windows per batch row); 0: none. Needs a relative encoding: xl, rope, alibi or none."""
     rel_buckets: int = 32
     """t5: relative-position buckets (half exact, half logarithmic; an encoder's split by direction)."""
     rel_max_distance: int = 128
@@ -123,6 +126,13 @@ class ModelConfig:
         _check((self.pos_encoding == "t5") == (self.family == "encoder-decoder"), "pos_encoding",
                f"an encoder-decoder takes pos_encoding 't5' and only it takes that (for now): got "
                f"{self.pos_encoding!r} with family {self.family!r}")
+        _check(self.pos_encoding != "xl" or self.family == "decoder", "pos_encoding",
+               f"'xl' is a decoder's encoding (for now), not {self.family!r}'s")
+        _check(self.memory_len >= 0, "memory_len", f"must be >= 0, got {self.memory_len}")
+        _check(self.memory_len == 0 or (self.family == "decoder" and self.pos_encoding in MEMORY_POS_ENCODINGS),
+               "memory_len", f"a segment memory needs a decoder with a relative pos_encoding {MEMORY_POS_ENCODINGS}: "
+               f"absolute positions restart in every segment, so the memory's would clash; got family "
+               f"{self.family!r}, pos_encoding {self.pos_encoding!r}")
         if self.d_ff is None:
             # SwiGLU has three matrices instead of two: 8/3 * d keeps the MLP's parameters at ~8 d^2 (LLaMA),
             # rounded up to a multiple of 64 for friendly matmul shapes.
@@ -156,6 +166,8 @@ def param_count(cfg: ModelConfig) -> int:
     attn = d * qkv_out + b * qkv_out + cfg.n_head * hd * d + b * d
     up = 2 * cfg.d_ff if cfg.mlp in GATED_MLPS else cfg.d_ff
     mlp = d * up + b * up + cfg.d_ff * d + b * d
+    if cfg.pos_encoding == "xl":  # per layer: the distance projection and the biases u and v
+        attn += d * cfg.n_head * hd + 2 * cfg.n_head * hd
     total = cfg.vocab_size * d + cfg.n_layer * (2 * norm + attn + mlp) + norm
     if cfg.family == "encoder-decoder":  # the decoder: self-attention, cross-attention, MLP, three norms; two bias tables
         cross = d * cfg.n_head * hd + b * cfg.n_head * hd + d * 2 * cfg.n_kv_head * hd + b * 2 * cfg.n_kv_head * hd \
@@ -176,7 +188,7 @@ def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None) -> int:
     twice that in the backward pass over every parameter that takes part in a matmul,
     plus the attention scores and the weighted sum of values (QK^T and AV: 2 * 2 *
     n_layer * seq_len * d_model forward, x3 with the backward pass; the causal mask
-    is not discounted, as in both papers). N excludes embedding *lookups* (the
+    is not discounted, as in both papers; a segment memory adds its memory_len keys). N excludes embedding *lookups* (the
     position table, and the token table when the unembedding is a separate matrix)
     and includes the unembedding matmul. MFU = tokens/s * flops_per_token / peak FLOP/s.
     """
@@ -184,4 +196,4 @@ def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None) -> int:
     lookups = (cfg.max_seq_len * cfg.d_model if cfg.pos_encoding == "learned" else 0)
     lookups += 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     n_matmul = param_count(cfg) - lookups
-    return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * T
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * (T + cfg.memory_len)  # a memory adds keys to attend

@@ -48,8 +48,10 @@ from model.layers import (
     bidirectional_mask,
     causal_mask,
     make_norm,
+    relative_sinusoids,
     sinusoidal_positions,
 )
+from model.memory import SegmentMemory
 from model.segments import (
     alibi_score_mod,
     flex_attend,
@@ -68,9 +70,11 @@ class AttentionInputs:
     """What every layer's attention needs in one forward pass, computed once for all layers."""
     mask: torch.Tensor | None  # bool (B|1, 1, T, S) or additive (B|1, n_head, T, S)
     is_causal: bool
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B|1, 1, T, head_dim)
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin of the keys this pass computes: (B|1, 1, M + T, head_dim)
     kv_cache: KVCache | None
     flex: tuple[Any, Any] | None = None  # FlexAttention (block mask, score_mod) in place of the SDPA mask
+    memory: tuple[torch.Tensor, ...] | None = None  # per layer (B, M, C): the segment memory's states (`model.memory`)
+    rel: tuple[torch.Tensor, torch.Tensor] | None = None  # xl: distance sinusoids (R, C), each score's distance (T, S)
 
 
 class SelfAttention(nn.Module):
@@ -84,31 +88,66 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.scale = None if cfg.scale_attention else 1.0  # None: SDPA's 1 / sqrt(head_dim)
+        if cfg.pos_encoding == "xl":  # Transformer-XL: keys of the distances, and the biases u (content), v (position)
+            self.pos_key = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+            self.content_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))
+            self.position_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))
+        else:
+            self.pos_key = None
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C); memory: (B, M, C) states this layer read over the previous segment's last M positions,
+        which give keys and values only (the queries are the segment's)."""
         B, T, C = x.shape
         hd, kv = self.head_dim, self.n_kv_head
-        q, k, v = self.qkv(x).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, kv, hd).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, kv, hd).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        if inputs.rope is not None:
-            q, k = apply_rotary(q, *inputs.rope), apply_rotary(k, *inputs.rope)
+        # with a memory the projections run over [memory ; segment] (the memory's queries are dropped: one matmul
+        # that LoRA's wrapped layer also serves)
+        h = x if memory is None else torch.cat([memory, x], dim=1)  # (B, M + T, C)
+        q, k, v = self.qkv(h).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
+        S = h.shape[1]
+        q = q[:, S - T:].view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
+        v = v.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
+        if inputs.rope is not None:  # the keys' positions; the queries are the last T of them
+            cos, sin = inputs.rope
+            q, k = apply_rotary(q, cos[..., S - T:, :], sin[..., S - T:, :]), apply_rotary(k, cos, sin)
         if inputs.kv_cache is not None:
             k, v = inputs.kv_cache.update(self.layer, k, v)  # (B, n_kv_head, S, head_dim)
+        if self.pos_key is not None:
+            return self._relative(q, k, v, inputs)
         if inputs.flex is not None:  # packed documents on GPU: one fused kernel skips the masked-out blocks
             y = flex_attend(q, k, v, block_mask=inputs.flex[0], score_mod=inputs.flex[1], compiled=q.is_cuda)
             return F.dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd)), self.dropout, self.training)
+        return self._attend(q, k, v, inputs.mask, inputs.is_causal)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        B, _, T, hd = q.shape
         gqa = {}
-        if kv != self.n_head:  # each group of n_head / n_kv_head query heads shares one key/value head
+        if self.n_kv_head != self.n_head:  # each group of n_head / n_kv_head query heads shares one key/value head
             if _SDPA_HAS_GQA:
                 gqa = {"enable_gqa": True}
             else:
-                k, v = (t.repeat_interleave(self.n_head // kv, dim=1) for t in (k, v))  # (B, n_head, S, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal, scale=self.scale,
+                k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))  # (B, n_head, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0, **gqa)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, n_head * head_dim)
         return F.dropout(self.proj(y), self.dropout, self.training)
+
+    def _relative(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """Transformer-XL's scores (q + u) . k + (q + v) . W_r R_(i-j): the second term, computed once per distance
+        and gathered per (query, key), goes to SDPA as an additive mask (SDPA scales only the first term, so
+        it is scaled here)."""
+        B, H, T, hd = q.shape
+        S = k.shape[2]
+        sinusoids, distance = inputs.rel  # (R, C), (T, S)
+        keys = self.pos_key(sinusoids).view(-1, H, hd)  # (R, n_head, head_dim)
+        by_distance = torch.einsum("bhtd,rhd->bhtr", q + self.position_bias[:, None, :], keys)  # (B, n_head, T, R)
+        scores = by_distance.gather(-1, distance.expand(B, H, T, S))  # (B, n_head, T, S)
+        scores = scores * (self.scale if self.scale is not None else hd ** -0.5)
+        if inputs.mask is not None:  # bool: where a query may attend (xl takes no ALiBi, so never additive)
+            scores = scores.masked_fill(~inputs.mask, float("-inf"))
+        return self._attend(q + self.content_bias[:, None, :], k, v, scores, False)
 
 
 class MLP(nn.Module):
@@ -142,10 +181,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        memory = inputs.memory[self.attn.layer] if inputs.memory is not None else None  # this block's earlier inputs
         if self.post_norm:  # the residual stream itself is normalised after each sub-layer
-            x = self.ln_1(x + self.attn(x, inputs))
+            x = self.ln_1(x + self.attn(x, inputs, memory))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), inputs)
+        x = x + self.attn(self.ln_1(x), inputs, None if memory is None else self.ln_1(memory))
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -207,13 +247,15 @@ class GPT(nn.Module):
         return flops_per_token(self.config, seq_len=seq_len)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                *, attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                *, attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                memory: SegmentMemory | None = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns the mean cross-entropy (targets of -1 are ignored)
         if targets are given, else logits (B, T, vocab). attention_mask: (B, T), 0 at padding.
         segment_ids: (B, T), one id per document of a packed window (see `model.segments`).
+        memory: a segment memory (`new_memory()`) that this segment reads and then advances.
         A decoder's targets are the next tokens; an encoder's, the original tokens at masked positions."""
         logits = self.unembed(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask,
-                                                 segment_ids=segment_ids))  # (B, T, vocab)
+                                                 segment_ids=segment_ids, memory=memory))  # (B, T, vocab)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -222,8 +264,14 @@ class GPT(nn.Module):
         """Hidden states (..., C) -> logits (..., vocab): the encoder's masked-LM head, then the unembedding."""
         return self.lm_head(self.mlm_head(h) if self.mlm_head is not None else h)
 
+    def new_memory(self) -> SegmentMemory:
+        """An empty segment memory of this model's `memory_len` positions, for `forward(..., memory=)`."""
+        assert self.config.memory_len > 0, "this model has no segment memory (memory_len 0)"
+        return SegmentMemory(self.config.memory_len)
+
     def hidden_states(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                      memory: SegmentMemory | None = None) -> torch.Tensor:
         """The last layer's output (B, T, C), normalised, before the unembedding (decoding unembeds only the
         last position). For an encoder, attention_mask may mark padding anywhere (0), not only on the left."""
         B, T = idx.shape
@@ -231,8 +279,14 @@ class GPT(nn.Module):
             "segment_ids (packed documents) go without a KV cache or padding"
         assert self.config.causal or (kv_cache is None and segment_ids is None), \
             "an encoder attends both ways: no KV cache, no packed documents"
-        start = kv_cache.pos if kv_cache is not None else 0
-        if segment_ids is not None:
+        assert memory is None or (kv_cache is None and attention_mask is None and segment_ids is None
+                                  and self.config.memory_len > 0), \
+            "a segment memory reads whole segments of a model with memory_len > 0: no KV cache, padding or packing"
+        remembered = memory.read() if memory is not None else None
+        start = kv_cache.pos if kv_cache is not None else len(memory) if memory is not None else 0
+        if memory is not None:  # the segment continues the memory's positions
+            positions, key_valid = torch.arange(start, start + T, device=idx.device)[None], None
+        elif segment_ids is not None:
             segment_ids = segment_ids.to(idx.device)
             positions, key_valid = segment_positions(segment_ids), None  # (B, T)
         else:
@@ -250,7 +304,10 @@ class GPT(nn.Module):
         x = self.drop(x)
         if self.slopes is not None and self.slopes.device != idx.device:
             self.slopes = self.slopes.to(idx.device)
-        rope = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:  # the keys computed in this pass: a memory's positions, then the segment's
+            rope = self.rotary.cos_sin(torch.arange(start + T, device=idx.device)[None] if memory is not None
+                                       else positions, x.dtype)
         if segment_ids is not None:
             inputs = self._segment_inputs(segment_ids, rope=rope, dtype=x.dtype)
         elif not self.config.causal:
@@ -259,20 +316,41 @@ class GPT(nn.Module):
         else:
             mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes,
                                           device=idx.device, dtype=x.dtype)
-            inputs = AttentionInputs(mask=mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache)
+            inputs = AttentionInputs(mask=mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache, memory=remembered)
+        if self.config.pos_encoding == "xl":
+            inputs = self._relative_inputs(inputs, start=start, T=T, dtype=x.dtype)
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        block_inputs = []
         for block in self.blocks:
+            block_inputs.append(x)
             x = checkpoint(block, x, inputs, use_reentrant=False) if recompute else block(x, inputs)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if memory is not None:
+            memory.update(block_inputs)
         return self.ln_f(x) if self.ln_f is not None else x
+
+    def _relative_inputs(self, inputs: AttentionInputs, *, start: int, T: int, dtype: torch.dtype) -> AttentionInputs:
+        """Transformer-XL's inputs for queries at slots start..start+T-1 over keys 0..start+T-1: the sinusoids of
+        every distance 0..start+T-1 (one set for all layers, which project them each) and each score's distance
+        (later keys are masked; distances between slots equal those between positions for real tokens). The
+        mask is made explicit, since the scores go to SDPA as an additive mask."""
+        device = self.tok_emb.weight.device
+        S = start + T
+        distance = torch.arange(start, S, device=device)[:, None] - torch.arange(S, device=device)[None, :]  # (T, S)
+        mask = inputs.mask
+        if mask is None and inputs.is_causal:
+            mask = (distance >= 0)[None, None]  # (1, 1, T, S)
+        return replace(inputs, mask=mask, is_causal=False,
+                       rel=(relative_sinusoids(torch.arange(S, device=device), self.config.d_model).to(dtype),
+                            distance.clamp(min=0)))
 
     def _segment_inputs(self, segment_ids: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None,
                         dtype: torch.dtype) -> AttentionInputs:
         """Block-diagonal causal attention: FlexAttention where it runs (CUDA, no attention dropout), else SDPA's mask."""
         dropping = self.training and self.config.dropout > 0
-        use_flex = self.segment_attention == "flex" or (
-            self.segment_attention == "auto" and flex_available(segment_ids.device) and not dropping)
+        use_flex = self.config.pos_encoding != "xl" and (self.segment_attention == "flex" or (  # xl: its own scores
+            self.segment_attention == "auto" and flex_available(segment_ids.device) and not dropping))
         if use_flex:
             assert not dropping, "FlexAttention has no attention dropout; use segment_attention='sdpa'"
             score_mod = alibi_score_mod(self.slopes) if self.slopes is not None else None

@@ -36,6 +36,14 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return pe
 
 
+def relative_sinusoids(distances: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer-XL's embedding of relative distances: [sin(d * f) | cos(d * f)] with f_i = 10000^(-2i/dim),
+    the sines' half first (not interleaved, as XL and XLNet lay it out). distances: (R,) -> (R, dim)."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float32) / dim))
+    angles = distances.float()[:, None] * inv_freq  # (R, dim / 2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
 # --- rotary position embedding (RoPE) ---------------------------------------------
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

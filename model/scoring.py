@@ -17,7 +17,12 @@ scores all of its targets). Given where each buffer's documents start
 token attends within its own document, positions restarting there. Given loss
 masks (task data), only the masked-in targets (completion / assistant tokens)
 are scored, and only at the training context: the length sweep and RoPE-scaled
-lengths are skipped for task data (a note says so). `EvalOptions`
+lengths are skipped for task data (a note says so). A model with a segment
+memory (Transformer-XL) is also scored at each length >= its context reading
+the window as it trained, segment by segment with its memory (`memory`), and
+by sliding windows that give every target the same context without one
+(`sliding`: windows of memory + context tokens, advancing by the context),
+each with its tokens/s: the memory reads each token once. `EvalOptions`
 is also the pipeline's `evaluate` config section. Pure PyTorch and NumPy: the
 tokens come in as arrays.
 """
@@ -25,6 +30,8 @@ tokens come in as arrays.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -100,13 +107,15 @@ def window_segments(doc_starts: np.ndarray, first: int, L: int) -> np.ndarray:
 def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[Window], *, L: int, batch_size: int,
                   byte_lengths: np.ndarray, unigram_logp: np.ndarray | None = None,
                   position_buckets: int = 16, doc_starts: list[np.ndarray] | None = None,
-                  masks: list[np.ndarray] | None = None) -> dict[str, Any]:
-    """Loss, perplexity, bits per byte, token accuracy and loss by position over the planned windows
+                  masks: list[np.ndarray] | None = None,
+                  read: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Loss, perplexity, bits per byte, token accuracy, loss by position and tokens/s over the planned windows
     (document-aware when `doc_starts`, each buffer's document starts, are given; only the targets whose
-    loss mask is 1 when `masks`, each buffer's, are given)."""
+    loss mask is 1 when `masks`, each buffer's, are given). read: inputs (b, L) -> logits (b, L, vocab) in place
+    of one forward pass (`read_with_memory`, `read_sliding`)."""
     assert plan, f"no window of {L} tokens fits in the validation data"
     device = next(model.parameters()).device
-    nats = correct = tokens = nbytes = uni = 0.0
+    nats = correct = tokens = nbytes = uni = seconds = 0.0
     pos_nats, pos_count = np.zeros(L), np.zeros(L)
     for i in range(0, len(plan), batch_size):
         chunk = plan[i : i + batch_size]
@@ -114,7 +123,12 @@ def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[
         x, y = batch[:, :-1], batch[:, 1:]  # (b, L), (b, L)
         segments = None if doc_starts is None else torch.from_numpy(
             np.stack([window_segments(doc_starts[b], s, L) for b, s, _ in chunk])).to(device)  # (b, L)
-        logits = (model(x) if segments is None else model(x, segment_ids=segments)).float()  # (b, L, vocab)
+        t0 = time.perf_counter()
+        logits = (read(x) if read is not None else model(x) if segments is None
+                  else model(x, segment_ids=segments)).float()  # (b, L, vocab)
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
         loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (b, L)
         keep = torch.arange(L, device=device)[None] >= torch.tensor([k for *_, k in chunk], device=device)[:, None]
         if masks is not None:
@@ -133,11 +147,29 @@ def score_windows(model: torch.nn.Module, buffers: list[np.ndarray], plan: list[
         raise NoWindowError("evaluate: the validation windows hold no target with loss mask 1 (no completion or "
                             "assistant token); raise data.val_fraction or evaluate.max_tokens")
     out = {"loss": nats / tokens, "ppl": math.exp(min(nats / tokens, 700.0)), "bpb": nats / math.log(2) / max(1.0, nbytes),
-           "token_accuracy": correct / tokens, "tokens": tokens,
+           "token_accuracy": correct / tokens, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
            "loss_by_position": _buckets(pos_nats, pos_count, position_buckets)}
     if unigram_logp is not None:
         out["unigram_loss"] = uni / tokens
     return out
+
+
+def read_with_memory(model: torch.nn.Module, x: torch.Tensor, *, segment_len: int) -> torch.Tensor:
+    """Logits (b, L, vocab) of inputs x (b, L) read as a model with a segment memory trains: segments of
+    `segment_len` tokens in order, each attending to its own and to the memory of those before."""
+    memory = model.new_memory()
+    return torch.cat([model(x[:, i : i + segment_len], memory=memory) for i in range(0, x.shape[1], segment_len)], 1)
+
+
+def read_sliding(model: torch.nn.Module, x: torch.Tensor, *, segment_len: int, context: int) -> torch.Tensor:
+    """Logits (b, L, vocab) of inputs x (b, L) from windows of up to `context + segment_len` tokens advancing by
+    `segment_len`, each kept for its last `segment_len` positions: every target sees the context a memory of
+    `context` positions gives it, recomputed (each token is read (context + segment_len) / segment_len times)."""
+    pieces = []
+    for i in range(0, x.shape[1], segment_len):
+        first = max(0, i - context)
+        pieces.append(model(x[:, first : i + segment_len])[:, i - first :])
+    return torch.cat(pieces, 1)
 
 
 def _buckets(nats: np.ndarray, count: np.ndarray, n: int) -> dict[str, list]:
@@ -156,16 +188,18 @@ def unigram_logprobs(train_buffers: list[np.ndarray], vocab_size: int) -> np.nda
 
 def _score_length(model: torch.nn.Module, buffers: list[np.ndarray], L: int, *, train_seq_len: int, opts: EvalOptions,
                   byte_lengths: np.ndarray, unigram_logp: np.ndarray | None = None,
-                  doc_starts: list[np.ndarray] | None = None, masks: list[np.ndarray] | None = None
+                  doc_starts: list[np.ndarray] | None = None, masks: list[np.ndarray] | None = None,
+                  read: Callable[[torch.Tensor], torch.Tensor] | None = None, disjoint: bool = False
                   ) -> dict[str, Any] | None:
-    """None when no validation shard holds a window of L + 1 tokens."""
-    stride = min(L, opts.stride or max(1, L // 2)) if opts.sliding_window else L
+    """None when no validation shard holds a window of L + 1 tokens. disjoint: windows of L side by side even
+    with `opts.sliding_window` (a reader of its own decides each target's context)."""
+    stride = min(L, opts.stride or max(1, L // 2)) if opts.sliding_window and not disjoint else L
     plan = window_plan([len(b) for b in buffers], L, stride=stride, max_targets=opts.max_tokens)
     if not plan:
         return None
     return score_windows(model, buffers, plan, L=L, batch_size=max(1, opts.batch_size * train_seq_len // L),
                          byte_lengths=byte_lengths, unigram_logp=unigram_logp, position_buckets=opts.position_buckets,
-                         doc_starts=doc_starts, masks=masks)
+                         doc_starts=doc_starts, masks=masks, read=read)
 
 
 def part_metrics(model: torch.nn.Module, parts: dict[str, list[np.ndarray]], *, train_seq_len: int, opts: EvalOptions,
@@ -224,10 +258,34 @@ def sweep(model: torch.nn.Module, val_buffers: list[np.ndarray], *, train_seq_le
                                     byte_lengths=byte_lengths, metrics=metrics, doc_starts=doc_starts)
     out = {"metrics": metrics, "lengths": rows, "rope_scaled": scaled, "notes": notes + note,
            "train_seq_len": train_seq_len, "sliding_window": opts.sliding_window, "stride": opts.stride}
+    if model.config.memory_len and masks is None and doc_starts is None:
+        out["memory"] = _memory_rows(model, val_buffers, train_seq_len=train_seq_len, opts=opts,
+                                     byte_lengths=byte_lengths, metrics=metrics)
     if doc_starts is not None:  # said only when on, so the default eval.json stays as it was
         out["packing"] = "documents"
     if masks is not None:
         out["loss_mask"] = True
+    return out
+
+
+def _memory_rows(model: torch.nn.Module, buffers: list[np.ndarray], *, train_seq_len: int, opts: EvalOptions,
+                 byte_lengths: np.ndarray, metrics: dict[str, float]) -> dict[str, list]:
+    """A segment-memory model at each length >= its context: windows of L read segment by segment with the memory
+    (`memory`), and the same windows by sliding windows that give each target that context again (`sliding`)."""
+    T, M = train_seq_len, model.config.memory_len
+    readers = {"memory": lambda x: read_with_memory(model, x, segment_len=T),
+               "sliding": lambda x: read_sliding(model, x, segment_len=T, context=M)}
+    out: dict[str, list] = {kind: [] for kind in readers}
+    for m in sorted(x for x in set(opts.context_multipliers) | {1.0} if x >= 1.0):
+        L = max(2, int(round(T * m)))
+        for kind, read in readers.items():
+            r = _score_length(model, buffers, L, train_seq_len=T, opts=opts, byte_lengths=byte_lengths, read=read,
+                              disjoint=True)
+            if r is None:
+                continue
+            out[kind].append({"multiplier": m, "context": L, "segment": T, "memory_len": M, "supported": True, **r})
+            metrics.update({f"ppl_ctx_{L}_{kind}": r["ppl"], f"loss_ctx_{L}_{kind}": r["loss"],
+                            f"bpb_ctx_{L}_{kind}": r["bpb"], f"tokens_per_s_ctx_{L}_{kind}": r["tokens_per_s"]})
     return out
 
 

@@ -248,6 +248,14 @@ def _workflow(args: argparse.Namespace) -> int:
         if "val_loss" in ev:
             out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
                      f"vs unigram {ev['unigram_loss']:.4f}")
+        memory = sorted(int(k.split("_")[2]) for k in ev if k.startswith("loss_ctx_") and k.endswith("_memory"))
+        if memory and f"loss_ctx_{memory[-1]}_sliding" in ev:  # a segment-memory model, at its longest length
+            L = memory[-1]
+            speed = ev[f"tokens_per_s_ctx_{L}_memory"] / max(ev[f"tokens_per_s_ctx_{L}_sliding"], 1e-9)
+            out.line(f"with its memory over {L} tokens: loss {ev[f'loss_ctx_{L}_memory']:.4f} "
+                     f"({ev[f'bpb_ctx_{L}_memory']:.4f} bits/byte) vs sliding windows {ev[f'loss_ctx_{L}_sliding']:.4f} "
+                     f"vs one window {ev.get(f'loss_ctx_{L}', float('nan')):.4f}; memory reads {speed:.1f}x the "
+                     "tokens/s of sliding windows")
         for line in _task_lines(manifests.get("tasks", {}).get("metrics", {})):  # the tasks stage, when configured
             out.line(line)
     return 0

@@ -6,7 +6,7 @@ may name the family's objective or leave it to the family. What only a decoder h
 stream: packed documents, task accuracy, retrieval) and what only sampling has (beams, samples) are refused for
 the others, each naming its key, before any work; so are an encoder's prompts without the mask token and too few
 sentinels for span corruption, when the tokenizer is trained here (a given one is checked when it is read,
-`pipeline.objectives`). Called by `pipeline.schema.Config` as a cross-check; it raises ValueError, which config
+`pipeline.objectives`); so is a segment memory (`model.memory_len`) with anything that cuts its stream. Called by `pipeline.schema.Config` as a cross-check; it raises ValueError, which config
 loading turns into one line.
 """
 
@@ -32,6 +32,8 @@ def check_family(cfg: Any) -> None:
     _check_objective(cfg)
     if cfg.model.family == "encoder":
         _check_fill_mask(cfg)
+    if cfg.model.memory_len:
+        _check_memory(cfg)
     if cfg.model.family != "decoder":
         for key, on in (("train.packing: documents", cfg.train.packing == "documents"),
                         ("decode.retrieve", cfg.decode.retrieve is not None),
@@ -64,6 +66,16 @@ def _check_objective(cfg: Any) -> None:
     if objective == "masked_lm" and mask not in cfg.tokenizer.special_tokens:
         raise ValueError(f"train.masking.mask_token {mask!r} is not in tokenizer.special_tokens "
                          f"{cfg.tokenizer.special_tokens}: add it there")
+
+
+def _check_memory(cfg: Any) -> None:
+    """A segment memory trains on consecutive windows of one stream per batch row: nothing that cuts the stream
+    otherwise (packed documents, a mixture's weighted draw)."""
+    for key, on in (("train.packing: documents", cfg.train.packing == "documents"),
+                    ("data.sources (a mixture)", bool(cfg.data.sources))):
+        if on:
+            raise ValueError(f"model.memory_len {cfg.model.memory_len} with {key}: a segment memory trains on "
+                             "consecutive windows of one token stream per batch row")
 
 
 def _check_fill_mask(cfg: Any) -> None:

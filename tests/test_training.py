@@ -147,13 +147,15 @@ import json, sys
 from pipeline.stages.train import worker
 
 out = open(sys.argv[2], "w")
-real_indices, real_metrics = worker.sample_indices, worker.Rates.metrics
+real_metrics = worker.Rates.metrics
 
 
-def sample_indices(step, **kw):  # the real function; what each step consumes is written down
-    idx = real_indices(step, **kw)
-    out.write(json.dumps({"step": step, "ids": idx.tolist()}) + "\n")
-    return idx
+def spied(real):  # the real sampler; what each step consumes is written down
+    def indices(step, **kw):
+        idx = real(step, **kw)
+        out.write(json.dumps({"step": step, "ids": idx.tolist()}) + "\n")
+        return idx
+    return indices
 
 
 def metrics(self, loss, lr, dt, done, **kw):  # the real method; the all-reduced loss at full precision
@@ -162,7 +164,8 @@ def metrics(self, loss, lr, dt, done, **kw):  # the real method; the all-reduced
     return real_metrics(self, loss, lr, dt, done, **kw)
 
 
-worker.sample_indices, worker.Rates.metrics = sample_indices, metrics
+worker.sample_indices, worker.segment_indices = spied(worker.sample_indices), spied(worker.segment_indices)
+worker.Rates.metrics = metrics
 worker.train_loop_per_worker(json.loads(sys.argv[1]))
 """
 

@@ -11,6 +11,10 @@ samples are `s*G .. s*G+G-1`; rank `r` of `w` takes every `w`-th of them. The
 data position after step `s` is therefore a pure function of `s`: resuming at
 a step skips nothing and repeats nothing, whatever happened before.
 
+A model with a segment memory (Transformer-XL) reads the windows in another
+order instead, `segment_indices`: each batch row follows one stream of
+consecutive windows across steps, still a pure function of the step.
+
 Document-aware packing (`documents=True`) changes nothing of that: the same
 windows, plus a segment id per input token (0 for the document the window
 starts in, +1 at each later document start, from the shard's row offsets), so
@@ -113,6 +117,27 @@ def sample_indices(step: int, *, rank: int, world_size: int, global_batch: int, 
         sel = epochs == e
         out[sel] = perm[offsets[sel]]
     return out
+
+
+def stream_length(*, global_batch: int, num_windows: int) -> int:
+    """Windows each batch row reads in a row under `segment_indices`: the windows split into one stream per row."""
+    assert num_windows >= global_batch, (f"{num_windows} windows cannot give each of {global_batch} batch rows a "
+                                         "stream of its own: more tokens or a smaller global batch are needed")
+    return num_windows // global_batch
+
+
+def segment_indices(step: int, *, rank: int, world_size: int, global_batch: int, num_windows: int, seed: int) -> np.ndarray:
+    """Transformer-XL's order: row g of every global batch reads its own stream of consecutive windows, one window
+    a step, so that a segment memory carries each row's previous window into its next. Each pass over the data
+    cuts the streams afresh at a seeded offset: row g reads windows shift + g*K, +1, ... (mod the window count), K =
+    `stream_length`, from step pass*K on. Rank `r` takes rows r, r+w, ... as `sample_indices` does; like it, a pure
+    function of the step, so resuming repeats and skips nothing."""
+    assert global_batch % world_size == 0, f"global batch {global_batch} not divisible by world size {world_size}"
+    K = stream_length(global_batch=global_batch, num_windows=num_windows)
+    epoch, offset = divmod(step, K)
+    shift = int(np.random.default_rng([seed, epoch, 1]).integers(num_windows))
+    rows = np.arange(rank, global_batch, world_size, dtype=np.int64)
+    return (shift + rows * K + offset) % num_windows
 
 
 @lru_cache(maxsize=2)

@@ -125,8 +125,9 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """extrapolation.png (perplexity by context length, one line per RoPE scaling) and
-    loss_by_position.png (loss by position within the window, one line per length); for an encoder,
+    """extrapolation.png (perplexity by context length, one line per RoPE scaling, and for a segment-memory model
+    with its memory and by sliding windows) and loss_by_position.png (loss by position within the window, one line
+    per length, and the longest length with memory and sliding); for an encoder,
     masked_lm.png (masked-token accuracy by context length), for an encoder-decoder span_corruption.png."""
     if result.get("metric") == "seq2seq":
         return []  # no lengths to draw: eval.json holds the first answers beside their targets
@@ -141,13 +142,17 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     series = {"none": [(r["context"], r["ppl"]) for r in ok]}
     for kind, rows in result["rope_scaled"].items():  # scaled lines start from the unscaled value at the context
         series[kind] = [(r["context"], r["ppl"]) for r in ok if r["multiplier"] == 1.0] + [(r["context"], r["ppl"]) for r in rows]
+    for kind, rows in result.get("memory", {}).items():  # a segment-memory model read with its memory, or sliding
+        series[f"{kind} ({rows[0]['memory_len']} memory)" if kind == "memory" else kind] = [(r["context"], r["ppl"]) for r in rows]
     bad = [r["context"] for r in result["lengths"] if not r["supported"]]
     paths = [out_dir / "extrapolation.png", out_dir / "loss_by_position.png"]
     line_chart(paths[0], series, title=f"validation perplexity by context (trained at {result['train_seq_len']})",
                x_label="context (tokens)", y_label="perplexity", log_x=True, log_y=True,
                note=f"unsupported (learned table): {bad}" if bad else "")
-    by_pos = {f"ctx {r['context']}": [((a + b - 1) / 2, v) for a, b, v in zip(*r["loss_by_position"].values()) if v is not None]
-              for r in ok}
+    curves = [(f"ctx {r['context']}", r) for r in ok]
+    curves += [(f"ctx {r['context']} {kind}", r) for kind, rows in result.get("memory", {}).items() for r in rows[-1:]]
+    by_pos = {name: [((a + b - 1) / 2, v) for a, b, v in zip(*r["loss_by_position"].values()) if v is not None]
+              for name, r in curves}
     line_chart(paths[1], by_pos, title="validation loss by position within the window", x_label="position (tokens)",
                y_label="loss (nats)", log_x=False)
     return paths

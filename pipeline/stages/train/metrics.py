@@ -39,13 +39,13 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
 
 
 def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch.device, *,
-                 objective: Any = None, draw: int = 0) -> torch.Tensor:
+                 objective: Any = None, draw: int = 0, memory: Any = None) -> torch.Tensor:
     """The mean loss over windows `idx` (training and validation alike); with document-aware packing each
     window's segment ids go with it. Task data (a loss mask): the mean over the masked-in targets only, the
     others set to -1, which the model's loss ignores, so prompt tokens get exactly zero gradient. Masked LM or
     span corruption (an `objective`, `pipeline.objectives`): the windows' first T tokens corrupted by its draw
     `draw` into the model's inputs and targets (an encoder's, an encoder-decoder's source, decoder input and
-    target)."""
+    target). A segment memory (`model.memory`), given, is read and advanced by these windows."""
     if objective is not None:
         arrays = objective.model_inputs(data.batch(idx)[:, :-1], idx, draw=draw)
         return engine(*(torch.from_numpy(a).to(device) for a in arrays))
@@ -53,14 +53,16 @@ def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch
         src, src_mask, tgt_in, tgt = (torch.from_numpy(a).to(device) for a in data.batch(idx))
         return engine(src, tgt_in, tgt, src_mask=src_mask)
     batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
-    segments = torch.from_numpy(data.segments(idx)).to(device) if data.documents else None  # (micro, T)
+    kw: dict[str, Any] = {"memory": memory} if memory is not None else {}
+    if data.documents:
+        kw["segment_ids"] = torch.from_numpy(data.segments(idx)).to(device)  # (micro, T)
     targets = batch[:, 1:]
     if data.masked:
         mask = data.loss_mask(idx)
         if not mask.any():  # nothing to learn in these windows (all prompt): a zero loss, still one forward pass
-            return engine(batch[:, :-1], targets, segment_ids=segments) * 0.0  # (ZeRO-3 ranks gather in step)
+            return engine(batch[:, :-1], targets, **kw) * 0.0  # (ZeRO-3 ranks gather in step)
         targets = targets.masked_fill(~torch.from_numpy(mask).to(device), -1)
-    return engine(batch[:, :-1], targets, segment_ids=segments)
+    return engine(batch[:, :-1], targets, **kw)
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def model_dict(cfg: Config, vocab_size: int) -> dict[str, Any]:
 _LATER_DEFAULTS = {"packing": "stream", "compile": False, "lora": None}  # lora None: full fine-tuning
 # the model every config meant before families (n_decoder_layer: only an encoder-decoder has a decoder stack)
 _MODEL_LATER_DEFAULTS = {"family": "decoder", "norm_position": "pre", "n_decoder_layer": None, "rel_buckets": 32,
-                         "rel_max_distance": 128, "scale_attention": True}
+                         "rel_max_distance": 128, "scale_attention": True, "memory_len": 0}
 
 
 def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:

@@ -49,12 +49,18 @@ from pipeline.stages.train.checkpoints import (
 )
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
 from pipeline.stages.train.lora import final_weights, write_adapter
+from pipeline.stages.train.memory import TrainMemories
 from pipeline.stages.train.metrics import Costs, Rates, forward_loss, validation_loss
 from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
 from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
-from tokenization.dataset import TokenWindows, sample_indices
+from tokenization.dataset import (
+    TokenWindows,
+    sample_indices,
+    segment_indices,
+    stream_length,
+)
 from tokenization.mixture import mixture_indices
 from tokenization.pairs import TaskPairs
 from tokenization.shards import shard_paths
@@ -183,9 +189,9 @@ def _choose(checkpoints: Checkpoints, rank: int, device: torch.device) -> tuple[
 
 
 def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int, device: torch.device,
-            hw: dict[str, str]) -> tuple[int, str, dict[str, float]]:
+            hw: dict[str, str], memories: TrainMemories | None) -> tuple[int, str, dict[str, float]]:
     """(the step to start from, this attempt's id, the metrics of the checkpoint resumed from): step 0 and no
-    metrics without a checkpoint. The rank's RNG states come back with its DeepSpeed states."""
+    metrics without a checkpoint. The rank's RNG states (and segment memories) come back with its DeepSpeed states."""
     latest, attempt = _choose(checkpoints, rank, device)
     if latest is None:
         return 0, attempt, {}
@@ -196,6 +202,8 @@ def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int,
         # DeepSpeed treats a missing checkpoint as "start from scratch"; a run that has one must never do that.
         assert load_path is not None, f"DeepSpeed found no checkpoint in {latest}/{DS_TAG}: refusing to restart from scratch"
         restore_rng(load_rng(latest, rank=rank), device)
+        if memories is not None:
+            memories.load(latest, rank=rank, device=device)
     finally:
         checkpoints.close()
     print(f"[rank {rank}] resumed from {checkpoints.where(latest.name)} at step {state['step']}", flush=True)
@@ -203,12 +211,14 @@ def _resume(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, rank: int,
 
 
 def _one_step(engine: Any, data: TokenWindows, idx: np.ndarray, *, micro: int, gas: int, device: torch.device,
-              step: int, objective: Objective | None) -> torch.Tensor:
+              step: int, objective: Objective | None, memories: TrainMemories | None) -> torch.Tensor:
     """Forward/backward over the accumulation micro-batches; returns this rank's summed loss."""
     loss_sum = torch.zeros((), device=device)
     draw = objective.draw_for(step) if objective is not None else 0
+    memory = memories.for_step(step) if memories is not None else [None] * gas
     for m in range(gas):
-        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device, objective=objective, draw=draw)
+        loss = forward_loss(engine, data, idx[m * micro : (m + 1) * micro], device, objective=objective, draw=draw,
+                            memory=memory[m])
         if faults.triggered("train.nan", step + 1):
             loss = loss * float("nan")
         engine.backward(loss)
@@ -234,9 +244,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     seed_rank(t["seed"], rank)  # dropout masks differ across ranks; restored from the checkpoint on resume
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     checkpoints = Checkpoints.for_worker(under_ray, cfg.local_checkpoint_dir, rank)
-    start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw)
     documents = t.get("packing", "stream") == "documents"
     data = _dataset(cfg, cfg.train_shards, documents)
+    memories = _memories(cfg, data, gas)
+    start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw, memories)
     draw = _sampler(cfg, data, per_source, rank=rank, world=world)
     val = _dataset(cfg, cfg.val_shards, documents) if t.get("eval_every") and cfg.val_shards else None
     # masked LM, span corruption: the corruption of each window, from the train options and the driver's ids
@@ -253,7 +264,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = draw(step)
-        loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step, objective=objective)
+        loss_sum = _one_step(engine, data, idx, micro=micro, gas=gas, device=device, step=step, objective=objective,
+                             memories=memories)
         torch.distributed.all_reduce(loss_sum)
         loss_avg = loss_sum.item() / (gas * world)
         done = step + 1
@@ -273,11 +285,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             report_progress(cfg.progress, rank, done, steps, last, time.perf_counter() - t_start, start_step)
         if done % t["checkpoint_every"] == 0 or done == steps:
             t_save = time.perf_counter()
-            _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device)
+            _save(engine, checkpoints, cfg, done, final=done == steps, rank=rank, metrics=last, attempt=attempt, hw=hw,
+                  device=device, memories=memories)
             costs.saved(time.perf_counter() - t_save)
             faults.maybe_fail("train.step", done)
     if start_step >= steps:  # resumed from the final checkpoint: re-report it (with its metrics) for the driver
-        _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device)
+        _save(engine, checkpoints, cfg, steps, final=True, rank=rank, metrics=last, attempt=attempt, hw=hw, device=device,
+              memories=memories)
     logger.close()  # step points queued during a tracking outage: sent now, or reported as lost
     return {**last, **rates.summary()}
 
@@ -290,10 +304,27 @@ def _dataset(cfg: WorkerConfig, shards: list[str], documents: bool) -> TokenWind
     return TokenWindows(shards, cfg.seq_len, documents=documents)
 
 
+def _memories(cfg: WorkerConfig, data: TokenWindows | TaskPairs, micro_batches: int) -> TrainMemories | None:
+    """A model with a segment memory: one per micro-batch, over streams of `stream_length` windows; else None."""
+    memory_len = cfg.model.get("memory_len", 0)
+    if not memory_len:
+        return None
+    if len(data) < cfg.train["global_batch_size"]:
+        raise TrainingError(f"train: {len(data)} training windows of {cfg.seq_len + 1} tokens cannot give each of the "
+                            f"{cfg.train['global_batch_size']} batch rows a stream of its own (model.memory_len); give "
+                            "more text or a smaller train.global_batch_size")
+    return TrainMemories(memory_len=memory_len, micro_batches=micro_batches,
+                         stream_length=stream_length(global_batch=cfg.train["global_batch_size"], num_windows=len(data)))
+
+
 def _sampler(cfg: WorkerConfig, data: TokenWindows | TaskPairs, per_source: list[int], *, rank: int, world: int):
-    """step -> this rank's window indices: the seeded order over all windows, or a mixture's weighted draw over its
-    sources' windows (`tokenization.mixture`); a pure function of the step either way."""
+    """step -> this rank's window indices: the seeded order over all windows, a segment memory's streams of
+    consecutive windows, or a mixture's weighted draw over its sources' windows (`tokenization.mixture`); a pure
+    function of the step each."""
     t = cfg.train
+    if cfg.model.get("memory_len", 0):
+        return lambda step: segment_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
+                                            num_windows=len(data), seed=t["seed"])
     if not cfg.mixture:
         return lambda step: sample_indices(step, rank=rank, world_size=world, global_batch=t["global_batch_size"],
                                            num_windows=len(data), seed=t["seed"])
@@ -309,7 +340,8 @@ def _sampler(cfg: WorkerConfig, data: TokenWindows | TaskPairs, per_source: list
 
 
 def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *, final: bool, rank: int,
-          metrics: dict[str, float], attempt: str, hw: dict[str, str], device: torch.device) -> None:
+          metrics: dict[str, float], attempt: str, hw: dict[str, str], device: torch.device,
+          memories: TrainMemories | None) -> None:
     """Every rank writes its DeepSpeed shards and RNG states; rank 0 adds the step state (and, at the end, the
     consolidated model); each rank's marker vouches for its files; the report merges them into one folder."""
     tmp = Path(tempfile.mkdtemp(prefix=f"llmpipe-ckpt-r{rank}-"))
@@ -318,6 +350,8 @@ def _save(engine: Any, checkpoints: Checkpoints, cfg: WorkerConfig, step: int, *
         (tmp / DS_TAG).mkdir()
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         save_rng(tmp, rank=rank, device=device)
+        if memories is not None:
+            memories.save(tmp, rank=rank)
         state_dict, adapter = _consolidated_state_dict(engine, rank, cfg.train) if final else (None, None)
         if rank == 0:
             if state_dict is not None:
