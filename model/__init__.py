@@ -1,4 +1,4 @@
-"""Pure PyTorch: the transformer (decoder, encoder, encoder-decoder), KV-cache generation and sampling options, scoring (loss, bits per byte, the length sweep), safetensors model folders and Hugging Face export/import.
+"""Pure PyTorch: the transformer (decoder, encoder, encoder-decoder, XLNet), KV-cache generation and sampling options, scoring (loss, bits per byte, the length sweep), safetensors model folders and Hugging Face export/import.
 
 The names below are imported when first used (PEP 562), so a module of this package that needs no torch
 (`model.retrieval` for BM25, `model.config`) is imported without it: a Ray task that only builds or searches a
@@ -16,11 +16,11 @@ _EXPORTS = {
     "GPT": "model.gpt", "export_hf": "model.hf", "import_hf": "model.hf", "KVCache": "model.kv_cache",
     "PRESETS": "model.presets", "preset": "model.presets",
     "EncoderDecoder": "model.seq2seq", "build_model": "model.weights", "load_model": "model.weights",
-    "save_model": "model.weights", "state_dict_for_save": "model.weights",
+    "save_model": "model.weights", "state_dict_for_save": "model.weights", "XLNet": "model.xlnet",
 }
 __all__ = ["EncoderDecoder", "GPT", "KVCache", "ModelConfig", "PRESETS", "beam_search", "build_model", "export_hf",
            "flops_per_token", "generate", "generate_batch", "import_hf", "load_model", "param_count", "preset",
-           "save_model", "state_dict_for_save"]
+           "save_model", "state_dict_for_save", "XLNet"]
 
 if TYPE_CHECKING:
     from model.config import ModelConfig, flops_per_token, param_count
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from model.presets import PRESETS, preset
     from model.seq2seq import EncoderDecoder
     from model.weights import build_model, load_model, save_model, state_dict_for_save
+    from model.xlnet import XLNet
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ MEMORY_POS_ENCODINGS = ("xl", "rope", "alibi", "none")  # relative: defined acro
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu", "relu", "geglu")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
-FAMILIES = ("decoder", "encoder", "encoder-decoder")
+FAMILIES = ("decoder", "encoder", "encoder-decoder", "xlnet")
 GATED_MLPS = ("swiglu", "geglu")
 NORM_POSITIONS = ("pre", "post")
 
@@ -40,8 +40,8 @@ class ModelConfig:
 
     vocab_size: int | None = None
     """Vocabulary size; in a pipeline config it comes from the tokenizer, never from this section."""
-    family: Literal["decoder", "encoder", "encoder-decoder"] = "decoder"
-    """decoder: causal self-attention and a next-token head (GPT, LLaMA); encoder: bidirectional self-attention and a masked-LM head, a dense layer + norm before the unembedding (BERT, RoBERTa); encoder-decoder: an encoder stack and a decoder stack whose blocks also attend to the encoder's output (T5)."""
+    family: Literal["decoder", "encoder", "encoder-decoder", "xlnet"] = "decoder"
+    """decoder: causal self-attention and a next-token head (GPT, LLaMA); encoder: bidirectional self-attention and a masked-LM head, a dense layer + norm before the unembedding (BERT, RoBERTa); encoder-decoder: an encoder stack and a decoder stack whose blocks also attend to the encoder's output (T5); xlnet: a Transformer-XL stack (pos_encoding xl) with XLNet's two-stream attention, trained on permutation language modelling."""
     norm_position: Literal["pre", "post"] = "pre"
     """pre: a norm before each sub-layer and one at the end (GPT-2, LLaMA); post: a norm after each residual addition and one over the embeddings, none at the end (the original paper's sub-layers, BERT's embeddings)."""
     n_layer: int = 4
@@ -126,10 +126,12 @@ class ModelConfig:
         _check((self.pos_encoding == "t5") == (self.family == "encoder-decoder"), "pos_encoding",
                f"an encoder-decoder takes pos_encoding 't5' and only it takes that (for now): got "
                f"{self.pos_encoding!r} with family {self.family!r}")
-        _check(self.pos_encoding != "xl" or self.family == "decoder", "pos_encoding",
-               f"'xl' is a decoder's encoding (for now), not {self.family!r}'s")
+        _check(self.pos_encoding != "xl" or self.family in ("decoder", "xlnet"), "pos_encoding",
+               f"'xl' is a decoder's or XLNet's encoding (for now), not {self.family!r}'s")
+        _check(self.family != "xlnet" or self.pos_encoding == "xl", "pos_encoding",
+               f"XLNet takes Transformer-XL's relative encoding, pos_encoding 'xl', got {self.pos_encoding!r}")
         _check(self.memory_len >= 0, "memory_len", f"must be >= 0, got {self.memory_len}")
-        _check(self.memory_len == 0 or (self.family == "decoder" and self.pos_encoding in MEMORY_POS_ENCODINGS),
+        _check(self.memory_len == 0 or (self.family in ("decoder", "xlnet") and self.pos_encoding in MEMORY_POS_ENCODINGS),
                "memory_len", f"a segment memory needs a decoder with a relative pos_encoding {MEMORY_POS_ENCODINGS}: "
                f"absolute positions restart in every segment, so the memory's would clash; got family "
                f"{self.family!r}, pos_encoding {self.pos_encoding!r}")
@@ -168,6 +170,11 @@ def param_count(cfg: ModelConfig) -> int:
     mlp = d * up + b * up + cfg.d_ff * d + b * d
     if cfg.pos_encoding == "xl":  # per layer: the distance projection and the biases u and v
         attn += d * cfg.n_head * hd + 2 * cfg.n_head * hd
+    if cfg.family == "xlnet":  # attention without biases; the query stream's start vector; the unembedding's bias
+        attn -= b * (qkv_out + d)
+        final = norm if cfg.norm_position == "pre" else 0
+        return cfg.vocab_size * d + cfg.n_layer * (2 * norm + attn + mlp) + final + d + cfg.vocab_size \
+            + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
     total = cfg.vocab_size * d + cfg.n_layer * (2 * norm + attn + mlp) + norm
     if cfg.family == "encoder-decoder":  # the decoder: self-attention, cross-attention, MLP, three norms; two bias tables
         cross = d * cfg.n_head * hd + b * cfg.n_head * hd + d * 2 * cfg.n_kv_head * hd + b * 2 * cfg.n_kv_head * hd \

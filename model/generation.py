@@ -122,6 +122,7 @@ class _Decoder:
     """The model stepped one token at a time over the rows still decoding; `keep` drops the rows that are done."""
 
     def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: int, *, use_cache: bool):
+        use_cache = use_cache and getattr(model, "supports_kv_cache", True)  # XLNet recomputes its query stream
         self.model, self.use_cache = model, use_cache
         if use_cache:
             self.cache = KVCache.for_model(model, batch_size=idx.shape[0], max_len=max_len)

@@ -74,7 +74,7 @@ class AttentionInputs:
     kv_cache: KVCache | None
     flex: tuple[Any, Any] | None = None  # FlexAttention (block mask, score_mod) in place of the SDPA mask
     memory: tuple[torch.Tensor, ...] | None = None  # per layer (B, M, C): the segment memory's states (`model.memory`)
-    rel: tuple[torch.Tensor, torch.Tensor] | None = None  # xl: distance sinusoids (R, C), each score's distance (T, S)
+    rel: tuple[torch.Tensor, torch.Tensor] | None = None  # xl: distance sinusoids (R, C), each score's row in them (T|B,1,T, S)
 
 
 class SelfAttention(nn.Module):
@@ -95,17 +95,21 @@ class SelfAttention(nn.Module):
         else:
             self.pos_key = None
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, memory: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C); memory: (B, M, C) states this layer read over the previous segment's last M positions,
-        which give keys and values only (the queries are the segment's)."""
+        which give keys and values only (the queries are the segment's). context: (B, T', C) the states keys and
+        values come from instead of x (XLNet's query stream attends to the content stream)."""
         B, T, C = x.shape
         hd, kv = self.head_dim, self.n_kv_head
         # with a memory the projections run over [memory ; segment] (the memory's queries are dropped: one matmul
         # that LoRA's wrapped layer also serves)
-        h = x if memory is None else torch.cat([memory, x], dim=1)  # (B, M + T, C)
+        source = x if context is None else context
+        h = source if memory is None else torch.cat([memory, source], dim=1)  # (B, M + T, C)
         q, k, v = self.qkv(h).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
         S = h.shape[1]
-        q = q[:, S - T:].view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, head_dim)
+        q = q[:, S - T:] if context is None else self.qkv(x)[..., : self.n_head * hd]  # (B, T, n_head * head_dim)
+        q = q.reshape(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
         v = v.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
         if inputs.rope is not None:  # the keys' positions; the queries are the last T of them
@@ -143,7 +147,7 @@ class SelfAttention(nn.Module):
         sinusoids, distance = inputs.rel  # (R, C), (T, S)
         keys = self.pos_key(sinusoids).view(-1, H, hd)  # (R, n_head, head_dim)
         by_distance = torch.einsum("bhtd,rhd->bhtr", q + self.position_bias[:, None, :], keys)  # (B, n_head, T, R)
-        scores = by_distance.gather(-1, distance.expand(B, H, T, S))  # (B, n_head, T, S)
+        scores = by_distance.gather(-1, distance.expand(B, H, T, S))  # (B, n_head, T, S); distance (T|B,1,T, S)
         scores = scores * (self.scale if self.scale is not None else hd ** -0.5)
         if inputs.mask is not None:  # bool: where a query may attend (xl takes no ALiBi, so never additive)
             scores = scores.masked_fill(~inputs.mask, float("-inf"))

@@ -1,11 +1,11 @@
-"""Hugging Face interchange: export a model to a local `GPT2LMHeadModel`, `LlamaForCausalLM`, `BertForMaskedLM`
-or `RobertaForMaskedLM` folder, and import one back.
+"""Hugging Face interchange: export a model to a local `GPT2LMHeadModel`, `LlamaForCausalLM`, `BertForMaskedLM`,
+`RobertaForMaskedLM`, `T5ForConditionalGeneration` or `XLNetLMHeadModel` folder, and import one back.
 
 The family follows from the architecture: a decoder with learned positions +
 LayerNorm + GELU (+ biases, one KV head per query head) is GPT-2; RoPE + RMSNorm
 + SwiGLU (any number of KV heads) is LLaMA; a post-norm encoder is BERT, or
 RoBERTa when asked (`model.hf_encoder` holds their tensor names); an
-encoder-decoder is T5 (`model.hf_t5`). A folder holds `model.safetensors`, `config.json`,
+encoder-decoder is T5 (`model.hf_t5`); XLNet is XLNet (`model.hf_xlnet`). A folder holds `model.safetensors`, `config.json`,
 `generation_config.json` and, when given, `tokenizer.json`. GPT-2's `Conv1D`
 stores weights as (in, out), the transpose of `nn.Linear`; our fused q|k|v and
 gate|up matrices split into LLaMA's separate projections. Our RoPE already uses
@@ -42,6 +42,13 @@ from model.hf_encoder import (
     to_encoder,
 )
 from model.hf_t5 import check_t5_exportable, config_from_t5, from_t5, t5_config, to_t5
+from model.hf_xlnet import (
+    check_xlnet_exportable,
+    config_from_xlnet,
+    from_xlnet,
+    to_xlnet,
+    xlnet_config,
+)
 from model.seq2seq import EncoderDecoder
 from model.weights import build_model
 
@@ -57,6 +64,9 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.family == "encoder-decoder":
         check_t5_exportable(cfg)
         return "t5"
+    if cfg.family == "xlnet":
+        check_xlnet_exportable(cfg)
+        return "xlnet"
     if cfg.norm_position != "pre":
         raise ValueError("Hugging Face GPT-2/LLaMA export needs ModelConfig.norm_position = 'pre', got 'post'")
     if cfg.pos_encoding == "learned":
@@ -87,6 +97,9 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     if family == "t5":
         return _export_t5(sd, cfg, folder, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
                           ids=dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id))
+    if family == "xlnet":
+        return _export_xlnet(sd, cfg, folder, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
+                             ids=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id))
     if family == "bert":
         return _export_encoder(sd, cfg, folder, encoder_type, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
                                ids=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id),
@@ -119,6 +132,21 @@ def _export_t5(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, *, t
     if tokenizer is not None:
         _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len,
                         specials={"eos_token": ids["eos_token_id"], "pad_token": ids["pad_token_id"]})
+    return folder
+
+
+def _export_xlnet(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, *, tokenizer: str | Path | None,
+                  dtype: torch.dtype, ids: dict[str, int | None]) -> Path:
+    from transformers import XLNetConfig
+
+    save_file({k: v.contiguous() for k, v in to_xlnet(sd, cfg).items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf_config = XLNetConfig(**xlnet_config(cfg), **{k: v for k, v in ids.items() if v is not None},
+                            dtype=str(dtype).removeprefix("torch."))
+    hf_config.architectures = ["XLNetLMHeadModel"]
+    hf_config.save_pretrained(folder)
+    if tokenizer is not None:
+        _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, specials={"eos_token": ids["eos_token_id"]})
     return folder
 
 
@@ -183,12 +211,14 @@ def read_hf_config(folder: str | Path) -> tuple[ModelConfig, str]:
         raise FileNotFoundError(str(folder / "config.json"))
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     kind = hf.get("model_type")
-    if kind not in ("gpt2", "llama", "t5", *ENCODER_TYPES):
-        raise ValueError(f"{folder / 'config.json'}: model_type {kind!r} is not gpt2, llama, bert, roberta or t5")
+    if kind not in ("gpt2", "llama", "t5", "xlnet", *ENCODER_TYPES):
+        raise ValueError(f"{folder / 'config.json'}: model_type {kind!r} is not gpt2, llama, bert, roberta, t5 or xlnet")
     if kind in ENCODER_TYPES:
         return config_from_encoder(hf), kind
     if kind == "t5":
         return config_from_t5(hf), kind
+    if kind == "xlnet":
+        return config_from_xlnet(hf), kind
     return (_config_from_gpt2(hf) if kind == "gpt2" else _config_from_llama(hf)), kind
 
 
@@ -204,6 +234,8 @@ def import_hf(folder: str | Path, *, device: str | torch.device = "cpu") -> GPT 
             sd = from_encoder(tensors, cfg, kind, pad_token_id=pad)
         elif kind == "t5":
             sd = from_t5(tensors, cfg)
+        elif kind == "xlnet":
+            sd = from_xlnet(tensors, cfg)
         else:
             sd = _from_gpt2(tensors, cfg) if kind == "gpt2" else _from_llama(tensors, cfg)
     except KeyError as e:

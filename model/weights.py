@@ -19,13 +19,16 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.seq2seq import EncoderDecoder
+from model.xlnet import XLNet
 
 WEIGHTS, META = "model.safetensors", "model.json"
 
 
-def build_model(cfg: ModelConfig) -> GPT | EncoderDecoder:
-    """The model a config describes: `EncoderDecoder` for the encoder-decoder family, else `GPT`."""
-    return EncoderDecoder(cfg) if cfg.family == "encoder-decoder" else GPT(cfg)
+def build_model(cfg: ModelConfig) -> GPT | EncoderDecoder | XLNet:
+    """The model a config describes: `EncoderDecoder` for the encoder-decoder family, `XLNet` for XLNet, else `GPT`."""
+    if cfg.family == "encoder-decoder":
+        return EncoderDecoder(cfg)
+    return XLNet(cfg) if cfg.family == "xlnet" else GPT(cfg)
 
 
 def state_dict_for_save(model: GPT | EncoderDecoder) -> dict[str, torch.Tensor]:

@@ -248,6 +248,9 @@ def _workflow(args: argparse.Namespace) -> int:
         if "val_loss" in ev:
             out.line(f"validation loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte) "
                      f"vs unigram {ev['unigram_loss']:.4f}")
+        if "plm_loss" in ev:  # XLNet: the line above reads left to right; this, its training objective
+            out.line(f"validation permutation-LM loss {ev['plm_loss']:.4f} (ppl {ev['plm_ppl']:.2f}), accuracy "
+                     f"{ev['plm_accuracy']:.3f} on {int(ev['plm_tokens'])} tokens predicted last in random orders")
         memory = sorted(int(k.split("_")[2]) for k in ev if k.startswith("loss_ctx_") and k.endswith("_memory"))
         if memory and f"loss_ctx_{memory[-1]}_sliding" in ev:  # a segment-memory model, at its longest length
             L = memory[-1]

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 # what each family trains on, its default first
-OBJECTIVES = {"decoder": ("causal_lm",), "encoder": ("masked_lm",), "encoder-decoder": ("span_corruption", "seq2seq")}
+OBJECTIVES = {"decoder": ("causal_lm",), "encoder": ("masked_lm",), "encoder-decoder": ("span_corruption", "seq2seq"),
+              "xlnet": ("permutation_lm",)}
 
 
 def objective_of(cfg: Any) -> str:
@@ -37,10 +38,11 @@ def check_family(cfg: Any) -> None:
     if cfg.model.family != "decoder":
         for key, on in (("train.packing: documents", cfg.train.packing == "documents"),
                         ("decode.retrieve", cfg.decode.retrieve is not None),
-                        ("evaluate.retrieve", cfg.evaluate.retrieve is not None), ("tasks", cfg.tasks is not None)):
+                        ("evaluate.retrieve", cfg.evaluate.retrieve is not None), ("tasks", cfg.tasks is not None),
+                        ("decode.num_beams", cfg.model.family == "xlnet" and cfg.decode.num_beams > 1)):
             if on:
                 raise ValueError(f"{key} needs a decoder (model.family: decoder); an {cfg.model.family} model has no "
-                                 "next-token scores over one stream")
+                                 "next-token scores over one stream" + (" with a KV cache" if cfg.model.family == "xlnet" else ""))
 
 
 def _check_objective(cfg: Any) -> None:

@@ -1,9 +1,10 @@
-"""The training objectives other than next-token prediction, in the pipeline: masked LM (encoders) and span
-corruption (encoder-decoders).
+"""The training objectives other than next-token prediction, in the pipeline: masked LM (encoders), span
+corruption (encoder-decoders) and permutation LM (XLNet).
 
 Each corrupts a window into the model's inputs and targets as a pure function of
 (seed, draw, window) (`tokenization.masking.Masker`, `tokenization.spans.SpanCorrupter`,
-which share `model_inputs`, `draw_for`, `check_length` and a `metric` prefix).
+`tokenization.permutation.Permuter`, which share `model_inputs`, `draw_for`, `check_length` and a
+`metric` prefix).
 `objective_ids` looks up in the run's tokenizer the ids the objective needs (the
 mask token and every special token; the sentinels, the end token and the
 decoder's start token, the padding token as in T5), naming the config key when
@@ -37,15 +38,18 @@ from pipeline.schema import Config
 from tokenization.bpe import PAD
 from tokenization.masking import Masker, MaskingOptions
 from tokenization.pairs import TaskPairs
+from tokenization.permutation import PermutationOptions, Permuter
 from tokenization.spans import SpanCorrupter, SpanOptions, sentinel_tokens
 
-Objective = Masker | SpanCorrupter
+Objective = Masker | SpanCorrupter | Permuter
 
 
 def objective_ids(cfg: Config, tokenizer_json: str | Path) -> dict[str, Any] | None:
     """The ids the run's objective needs from its tokenizer ({"kind": ..., ...}); None for causal LM."""
     if cfg.objective == "causal_lm":
         return None
+    if cfg.objective == "permutation_lm":  # orders positions: no token of its own
+        return {"kind": "permutation_lm"}
     from tokenization.bpe import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_json))
@@ -76,6 +80,8 @@ def objective_from_ids(ids: dict[str, Any] | None, train: dict[str, Any], vocab_
     for causal LM and seq2seq, whose data is not corrupted (seq2seq reads `tokenization.pairs.TaskPairs`)."""
     if ids is None or ids["kind"] == "seq2seq":
         return None
+    if ids["kind"] == "permutation_lm":
+        return Permuter(PermutationOptions(**train["permutation"]), seed=train["seed"])
     if ids["kind"] == "masked_lm":
         return Masker(MaskingOptions(**train["masking"]), mask_id=ids["mask_id"], special_ids=tuple(ids["special_ids"]),
                       vocab_size=vocab_size, seed=train["seed"])
@@ -147,6 +153,13 @@ def objective_sweep(model: Any, val: list[np.ndarray], *, train_seq_len: int, op
             metrics |= scores
     return {"family": "encoder" if m == "mlm" else "encoder-decoder", "metric": m, "train_seq_len": train_seq_len,
             "metrics": metrics, "lengths": lengths}
+
+
+def objective_metrics(model: Any, val: list[np.ndarray], *, T: int, opts: EvalOptions, objective: Objective
+                      ) -> dict[str, float]:
+    """<metric>_loss, _ppl, _accuracy and _tokens over validation windows of T tokens (XLNet's permutation LM
+    beside its left-to-right sweep)."""
+    return objective_scores(model, _windows(val, T, opts.max_tokens), objective, batch_size=opts.batch_size)
 
 
 @torch.inference_mode()

@@ -39,6 +39,7 @@ from pipeline.corpus_config import DataConfig, IndexConfig, no_fp
 from pipeline.families import check_family, objective_of
 from tokenization.bpe import EOS, SPECIAL_TOKENS
 from tokenization.masking import MaskingOptions
+from tokenization.permutation import PermutationOptions
 from tokenization.spans import SpanOptions
 
 
@@ -110,9 +111,10 @@ class TrainConfig(_Section):
     packing: Literal["stream", "documents"] = Field("stream", description="stream: windows cut from the concatenated documents attend across document boundaries; documents: each token attends only within its own document (block-diagonal causal mask) and positions restart at each document start; evaluation scores the same way.")
     init_from: str | None = Field(None, description="Start from these weights: a train stage folder, a model folder (model.safetensors + model.json) or a local Hugging Face folder.")
     lora: LoraOptions | None = Field(None, description="Train LoRA adapters on a frozen base instead of every weight (usually with init_from); default: full fine-tuning.")
-    objective: Literal["causal_lm", "masked_lm", "span_corruption", "seq2seq"] | None = Field(None, description="What the model learns to predict: causal_lm (the next token; decoders), masked_lm (the original tokens at masked positions; encoders), span_corruption (the spans dropped from the source, each behind its sentinel; encoder-decoders) or seq2seq (each record's completion from its prompt; encoder-decoders on prompt_completion data). Default: the model family's (an encoder-decoder: seq2seq on prompt_completion data, else span_corruption).")
+    objective: Literal["causal_lm", "masked_lm", "span_corruption", "seq2seq", "permutation_lm"] | None = Field(None, description="What the model learns to predict: causal_lm (the next token; decoders), masked_lm (the original tokens at masked positions; encoders), span_corruption (the spans dropped from the source, each behind its sentinel; encoder-decoders), seq2seq (each record's completion from its prompt; encoder-decoders on prompt_completion data) or permutation_lm (the last tokens of a random factorisation order of each window; XLNet). Default: the model family's (an encoder-decoder: seq2seq on prompt_completion data, else span_corruption).")
     masking: MaskingOptions = Field(default_factory=MaskingOptions, description="masked_lm: how windows are corrupted (rate, mask token, 80/10/10 split, dynamic or static masks).")
     spans: SpanOptions = Field(default_factory=SpanOptions, description="span_corruption: how windows are corrupted (noise density, mean span length, dynamic or static).")
+    permutation: PermutationOptions = Field(default_factory=PermutationOptions, description="permutation_lm: which positions of each window's factorisation order are predicted (the last 1/K).")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (logged as train/val_loss).")
     eval_tokens: int = Field(32768, ge=1, description="Validation tokens scored each time.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON merged last (escape hatch; batch sizes must still agree).")

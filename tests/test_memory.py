@@ -241,35 +241,3 @@ def test_what_a_segment_memory_cannot_train_with_is_one_line_before_any_work(cha
     raw = tiny_raw(corpus_dir, tmp_path / "store", model={"pos_encoding": "xl", "memory_len": 16})
     change(raw)
     assert key in refused_before_any_work(raw, tmp_path, capsys)
-
-
-@pytest.mark.slow
-def test_a_segment_memory_model_trains_on_streams_and_is_scored_with_its_memory(corpus_dir, tmp_path, tracking_uri,
-                                                                               ray_local, capsys):
-    """Through the stages on two DeepSpeed workers: train (each row a stream, checkpointed memories), evaluate (with
-    the memory and by sliding windows beside one window, each with its tokens/s), decode past the context."""
-    import yaml
-
-    from pipeline import cli
-    from tests.conftest import tiny_raw
-
-    raw = tiny_raw(corpus_dir, tmp_path / "store", model={"pos_encoding": "xl", "memory_len": 32},
-                   train={"steps": 6, "checkpoint_every": 3},
-                   evaluate={"context_multipliers": [1.0, 4.0], "max_tokens": 1024},
-                   decode={"max_new_tokens": 40, "num_samples": 1, "temperature": 0.0})
-    (tmp_path / "xl.yaml").write_text(yaml.safe_dump(raw))
-    assert cli.main(["run", str(tmp_path / "xl.yaml")]) == 0
-    out = capsys.readouterr().out
-    assert "with its memory over 128 tokens: loss" in out and "tokens/s of sliding windows" in out, out[-2000:]
-    store = tmp_path / "store"
-    (train,) = [p for p in (store / "train").iterdir() if (p / "_COMPLETE.json").exists()]
-    assert {f"memory.rank{r}.safetensors" for r in (0, 1)} <= {p.name for p in (train / "ray_train" / "step_00000003").iterdir()}
-    (ev,) = [p for p in (store / "evaluate").iterdir() if (p / "_COMPLETE.json").exists()]
-    result = json.loads((ev / "eval.json").read_text())
-    assert [r["context"] for r in result["memory"]["memory"]] == [32, 128]
-    m = result["metrics"]
-    assert m["loss_ctx_32_memory"] == pytest.approx(m["loss_ctx_32"], abs=1e-4)  # one segment: no memory yet
-    assert m["tokens_per_s_ctx_128_memory"] > 0 and m["loss_ctx_128_sliding"] > 0
-    (dec,) = [p for p in (store / "decode").iterdir() if (p / "_COMPLETE.json").exists()]
-    (row,) = [json.loads(line) for line in (dec / "samples.jsonl").read_text().splitlines()]
-    assert row["completion"]  # 40 new tokens after the prompt: past the 32-token context

@@ -38,6 +38,7 @@ from pipeline.objectives import (
     Objective,
     objective_from_ids,
     objective_ids,
+    objective_metrics,
     objective_sweep,
     pairs_scores,
 )
@@ -93,7 +94,7 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     if seq2seq is not None:  # an encoder-decoder trained on records: loss and exact match on the validation pairs
         pairs = TaskPairs(val_shards, max_source=train_seq_len, max_target=train_seq_len, **seq2seq)
         return pairs_scores(model, pairs, max_tokens=opts.max_tokens, batch_size=opts.batch_size)
-    if model.config.family != "decoder":
+    if model.config.family in ("encoder", "encoder-decoder"):
         assert objective is not None, f"an {model.config.family} is evaluated on its training objective"
         unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
         return objective_sweep(model, val, train_seq_len=train_seq_len, opts=opts, objective=objective, unigram_logp=unigram)
@@ -103,6 +104,8 @@ def evaluate_model(model_dir: str, val_shards: list[str], train_shards: list[str
     unigram = unigram_logprobs([read_tokens(p) for p in train_shards], model.config.vocab_size)
     result = sweep(model, val, train_seq_len=train_seq_len, opts=opts, byte_lengths=byte_lengths, unigram_logp=unigram,
                    doc_starts=doc_starts, masks=masks)
+    if objective is not None:  # XLNet: read left to right above; its own objective at the training length too
+        result["metrics"] |= objective_metrics(model, val, T=train_seq_len, opts=opts, objective=objective)
     if sources:
         index = {p: i for i, (p, _) in enumerate(kept)}
         rows = {name: [index[p] for p in paths if p in index] for name, paths in sources.items()}

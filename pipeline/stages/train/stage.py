@@ -77,6 +77,8 @@ def section_for(cfg: Config, hw: TrainHardware) -> dict[str, Any]:
         train.pop("masking", None)  # read only by masked-LM training
     if cfg.objective != "span_corruption":
         train.pop("spans", None)  # read only by span corruption
+    if cfg.objective != "permutation_lm":
+        train.pop("permutation", None)  # read only by permutation LM
     if cfg.train.lora is not None:
         check_lora_targets(cfg)
     if cfg.train.init_from:  # the weights' identity, not just their path
