@@ -18,9 +18,9 @@ _EXPORTS = {
     "EncoderDecoder": "model.seq2seq", "build_model": "model.weights", "load_model": "model.weights",
     "save_model": "model.weights", "state_dict_for_save": "model.weights", "XLNet": "model.xlnet",
 }
-__all__ = ["EncoderDecoder", "GPT", "KVCache", "ModelConfig", "PRESETS", "beam_search", "build_model", "export_hf",
+__all__ = ["EncoderDecoder", "GPT", "KVCache", "ModelConfig", "PRESETS", "XLNet", "beam_search", "build_model", "export_hf",
            "flops_per_token", "generate", "generate_batch", "import_hf", "load_model", "param_count", "preset",
-           "save_model", "state_dict_for_save", "XLNet"]
+           "save_model", "state_dict_for_save"]
 
 if TYPE_CHECKING:
     from model.config import ModelConfig, flops_per_token, param_count

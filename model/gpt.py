@@ -1,4 +1,4 @@
-"""The transformer of "Attention Is All You Need": decoder-only (GPT-2, LLaMA) or encoder-only (BERT, RoBERTa).
+"""The transformer of "Attention Is All You Need": decoder-only (GPT-2, LLaMA, Transformer-XL) or encoder-only (BERT, RoBERTa).
 
 One set of layers serves both families (`ModelConfig.family`); they differ in the
 attention mask (causal or bidirectional) and the head. Architecture choices
@@ -7,8 +7,14 @@ attention mask (causal or bidirectional) and the head. Architecture choices
   rows, GPT-2), `sinusoidal` (Vaswani et al.), `rope` (rotary, rotate-half as in
   LLaMA; optional linear / NTK-aware / YaRN scaling, changeable at evaluation
   time with `set_rope_scaling`), `alibi` (per-head linear distance penalties,
-  Press et al.) or `none` (the causal mask alone carries order); all but `learned`
-  are defined at any position, so the model can be evaluated past its context;
+  Press et al.), `xl` (Transformer-XL's relative encoding: sinusoids of each distance
+  projected per layer, plus learned content and position biases u and v, its
+  scores passed to SDPA as an additive mask) or `none` (the causal mask alone
+  carries order); all but `learned` are defined at any position, so the model can
+  be evaluated past its context;
+- a segment memory (`memory_len`, Transformer-XL): each layer's keys and values also
+  come from the states it read over the previous segment's last positions
+  (`model.memory`), so a long stream read segment by segment sees past each one;
 - pre-norm blocks: `x = x + attn(norm(x)); x = x + mlp(norm(x))` and a final norm, or post-norm
   blocks (the original paper, BERT): `x = norm(x + attn(x)); x = norm(x + mlp(x))` after a norm
   over the embeddings; LayerNorm or RMSNorm;
@@ -113,6 +119,7 @@ class SelfAttention(nn.Module):
         k = k.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
         v = v.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
         if inputs.rope is not None:  # the keys' positions; the queries are the last T of them
+            assert context is None, "rotary positions for a query stream of its own are not defined here"
             cos, sin = inputs.rope
             q, k = apply_rotary(q, cos[..., S - T:, :], sin[..., S - T:, :]), apply_rotary(k, cos, sin)
         if inputs.kv_cache is not None:
@@ -295,34 +302,15 @@ class GPT(nn.Module):
             positions, key_valid = segment_positions(segment_ids), None  # (B, T)
         else:
             positions, key_valid = self._positions(T, kv_cache, attention_mask, idx.device)  # (B|1, T), (B, S) | None
-        x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
-            # left-padded rows count from their first real token: the last slot may be past the table, a row not
-            last = start + T - 1 if key_valid is None else int(positions.max())
-            assert last < self.config.max_seq_len, f"position {last} is beyond the learned table of {self.config.max_seq_len}"
-            x = x + self.pos_emb(positions)  # (B|1, T, C)
-        elif self.config.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)  # (B|1, T, C)
-        if self.ln_emb is not None:
-            x = self.ln_emb(x)
-        x = self.drop(x)
+        x = self._embed(idx, positions, last=start + T - 1 if key_valid is None else int(positions.max()))
         if self.slopes is not None and self.slopes.device != idx.device:
             self.slopes = self.slopes.to(idx.device)
         rope = None
         if self.rotary is not None:  # the keys computed in this pass: a memory's positions, then the segment's
             rope = self.rotary.cos_sin(torch.arange(start + T, device=idx.device)[None] if memory is not None
                                        else positions, x.dtype)
-        if segment_ids is not None:
-            inputs = self._segment_inputs(segment_ids, rope=rope, dtype=x.dtype)
-        elif not self.config.causal:
-            mask = bidirectional_mask(T=T, key_valid=key_valid, slopes=self.slopes, device=idx.device, dtype=x.dtype)
-            inputs = AttentionInputs(mask=mask, is_causal=False, rope=rope, kv_cache=None)
-        else:
-            mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes,
-                                          device=idx.device, dtype=x.dtype)
-            inputs = AttentionInputs(mask=mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache, memory=remembered)
-        if self.config.pos_encoding == "xl":
-            inputs = self._relative_inputs(inputs, start=start, T=T, dtype=x.dtype)
+        inputs = self._attention_inputs(T=T, start=start, key_valid=key_valid, rope=rope, segment_ids=segment_ids,
+                                        kv_cache=kv_cache, remembered=remembered, dtype=x.dtype)
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         block_inputs = []
         for block in self.blocks:
@@ -333,6 +321,40 @@ class GPT(nn.Module):
         if memory is not None:
             memory.update(block_inputs)
         return self.ln_f(x) if self.ln_f is not None else x
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor, *, last: int) -> torch.Tensor:
+        """Token embeddings plus an absolute positional encoding where there is one (B, T, C); `last`: the largest
+        position (left-padded rows count from their first real token, so a row's may be below the last slot)."""
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            assert last < self.config.max_seq_len, f"position {last} is beyond the learned table of {self.config.max_seq_len}"
+            x = x + self.pos_emb(positions)  # (B|1, T, C)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)  # (B|1, T, C)
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
+        return self.drop(x)
+
+    def _attention_inputs(self, *, T: int, start: int, key_valid: torch.Tensor | None,
+                          rope: tuple[torch.Tensor, torch.Tensor] | None, segment_ids: torch.Tensor | None,
+                          kv_cache: KVCache | None, remembered: tuple[torch.Tensor, ...] | None,
+                          dtype: torch.dtype) -> AttentionInputs:
+        """What every layer's attention needs, for queries at slots start..start+T-1: packed documents' block
+        mask, an encoder's two-way mask or a decoder's causal one (over a KV cache or a memory), and
+        Transformer-XL's distances."""
+        device = self.tok_emb.weight.device
+        if segment_ids is not None:
+            inputs = self._segment_inputs(segment_ids, rope=rope, dtype=dtype)
+        elif not self.config.causal:
+            mask = bidirectional_mask(T=T, key_valid=key_valid, slopes=self.slopes, device=device, dtype=dtype)
+            inputs = AttentionInputs(mask=mask, is_causal=False, rope=rope, kv_cache=None)
+        else:
+            mask, is_causal = causal_mask(start=start, T=T, key_valid=key_valid, slopes=self.slopes, device=device,
+                                          dtype=dtype)
+            inputs = AttentionInputs(mask=mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache, memory=remembered)
+        if self.config.pos_encoding == "xl":
+            inputs = self._relative_inputs(inputs, start=start, T=T, dtype=dtype)
+        return inputs
 
     def _relative_inputs(self, inputs: AttentionInputs, *, start: int, T: int, dtype: torch.dtype) -> AttentionInputs:
         """Transformer-XL's inputs for queries at slots start..start+T-1 over keys 0..start+T-1: the sinusoids of
