@@ -297,6 +297,9 @@ def beam_search(model: GPT, prompt: list[int], *, num_beams: int, max_new_tokens
     beam scores better at its current length (Hugging Face's default, early_stopping=False), or at
     max_new_tokens, where the open beams are finished too."""
     assert 1 <= num_return_sequences <= num_beams, f"num_return_sequences {num_return_sequences} must be in [1, {num_beams}]"
+    if not getattr(model, "supports_kv_cache", True):
+        raise ValueError(f"beam search reorders a KV cache, which {type(model).__name__} has none of: use greedy or "
+                         "sampled decoding")
     model.eval()
     device = next(model.parameters()).device
     _check_length(model, len(prompt) + max_new_tokens)

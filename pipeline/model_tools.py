@@ -53,6 +53,9 @@ def generate(args: argparse.Namespace) -> None:
     if model.config.family == "encoder":
         _fill(model, tok, args)
         return
+    if model.config.family == "xlnet" and (args.retrieve or args.num_beams > 1):
+        raise ConfigError(f"generate {'--retrieve' if args.retrieve else '--num-beams'}: needs a decoder; an XLNet "
+                          "decodes left to right without a KV cache (greedy or sampled)")
     if model.config.family == "encoder-decoder":
         if args.retrieve:
             raise ConfigError("generate --retrieve: retrieval needs a decoder")
@@ -66,7 +69,8 @@ def generate(args: argparse.Namespace) -> None:
               f"log-likelihood {r['log_likelihood']:.2f}, {r['tokens_per_s']:.0f} tokens/s")
         for src in r.get("sources", []):
             print(f"    source: passage {src['passage_id']} {src['file']}:{src['line']} (score {src['score']:.3f})")
-        print(r["prompt"] + r["completion"] if model.config.family == "decoder" else f"{r['prompt']}\n=> {r['completion']}")
+        print(r["prompt"] + r["completion"] if model.config.family in ("decoder", "xlnet")
+              else f"{r['prompt']}\n=> {r['completion']}")
 
 
 def _fill(model: Any, tok: Any, args: argparse.Namespace) -> None:

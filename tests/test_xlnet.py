@@ -101,6 +101,21 @@ def test_the_query_stream_never_sees_its_own_token_and_left_to_right_never_sees_
         assert not torch.equal(model(idx)[:, 6], model(later)[:, 6])
 
 
+def test_xlnet_generates_left_to_right_without_a_kv_cache_and_refuses_beams():
+    from model.generation import beam_search, generate_batch
+
+    model = perturbed(xlnet())
+    prompts = [[5, 6, 7], [8, 9]]  # the second left-padded
+    new = generate_batch(model, prompts, max_new_tokens=6, temperature=0.0)
+    for prompt, tokens in zip(prompts, new):
+        text = prompt + tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([text[:-1]]))[0]
+        assert logits[len(prompt) - 1 :].argmax(-1).tolist() == tokens  # each the argmax after the text before it
+    with pytest.raises(ValueError, match="beam search reorders a KV cache"):
+        beam_search(model, [5, 6], num_beams=2, max_new_tokens=2)
+
+
 def test_xlnets_attention_takes_no_biases_and_what_xlnet_is_not_is_named():
     model = XLNet(xlnet())
     assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].mlp.fc.bias is not None
