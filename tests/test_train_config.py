@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from pipeline.errors import ConfigError
@@ -106,3 +110,26 @@ def test_precision_auto_is_resolved_on_the_driver_and_fingerprinted_as_what_it_r
         fingerprint(STAGE, STAGE.section(auto), up)  # fp32 on a GPU is another device kind: another fingerprint
     with pytest.raises(ConfigError, match="train.precision=bf16 needs a GPU"):  # refused when planned, not at launch
         STAGE.section(tiny_config(train={"precision": "bf16"}))
+
+
+def test_deepspeed_imports_no_compiler_at_a_workers_start_and_its_kernels_still_compile_when_first_run():
+    """A worker's `deepspeed.initialize` imports DeepSpeed's Muon optimizer (to compare types with ours), whose
+    kernels are decorated with torch.compile: deferred, the import costs no inductor, and a decorated function
+    still runs compiled on its first call."""
+    code = """
+import sys
+from pipeline.stages.train.optim import defer_deepspeed_compiles
+defer_deepspeed_compiles()
+import deepspeed.runtime.zero.muon.muon_optimizer
+print("inductor at import:", "torch._inductor.compile_fx" in sys.modules)
+import torch
+from deepspeed.runtime import compiler
+compiled = []
+torch.compile = lambda fn: compiled.append(fn) or fn  # what the first call hands torch.compile (not a real compile)
+square = compiler.compile()(lambda x: x * x)
+print("before the first call:", len(compiled), "after two:", square(3) + square(4) - 25 + len(compiled))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-2:] == ["inductor at import: False", "before the first call: 0 after two: 1"]

@@ -4,11 +4,14 @@
 DeepSpeed JSON (micro batch x accumulation x world size = global batch, ZeRO
 stage and offload, precision, clipping, the raw-JSON escape hatch merged last);
 `lr_at` is the LR schedule as a function of the step, so resume is exact.
+`defer_deepspeed_compiles` keeps DeepSpeed from importing torch's compiler at
+every worker's start for kernels we never run.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any
 
@@ -85,3 +88,33 @@ def deepspeed_config(train: dict[str, Any], *, world_size: int, precision: str) 
     if ds != cfg["train_batch_size"]:
         raise ConfigError(f"train.deepspeed: train_batch_size {cfg['train_batch_size']} != micro batch x accumulation x world size ({ds})")
     return cfg
+
+
+def defer_deepspeed_compiles() -> None:
+    """Make DeepSpeed's `compiler.compile()` decorator compile on the first call instead of at decoration.
+
+    `deepspeed.initialize` (ZeRO's optimizer check) and ZeRO-1/2's first gradient reduction import its Muon
+    optimizer just to compare our optimizer's type with it, and that module decorates its kernels with
+    `torch.compile` at import, which imports torch's inductor: 3.5 s of every training worker's start on a CPU,
+    for an optimizer we never build. Deferred, the kernels compile when (if ever) they first run, as before."""
+    import deepspeed.runtime.compiler as ds_compiler
+    import torch
+
+    if getattr(ds_compiler.compile, "deferred", False):
+        return
+
+    def deferring(fn):
+        compiled = None
+
+        @functools.wraps(fn)
+        def first_call_compiles(*args: Any, **kwargs: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = torch.compile(fn)
+            return compiled(*args, **kwargs)
+        return first_call_compiles
+
+    def compile_decorator():  # the signature of DeepSpeed's: called with no arguments, returns the decorator
+        return deferring
+    compile_decorator.deferred = True
+    ds_compiler.compile = compile_decorator

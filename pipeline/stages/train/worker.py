@@ -51,7 +51,12 @@ from pipeline.stages.train.init_from import check_init_compatible, initial_weigh
 from pipeline.stages.train.lora import final_weights, write_adapter
 from pipeline.stages.train.memory import TrainMemories
 from pipeline.stages.train.metrics import Costs, Rates, forward_loss, validation_loss
-from pipeline.stages.train.optim import deepspeed_config, lr_at, resolve_precision
+from pipeline.stages.train.optim import (
+    deepspeed_config,
+    defer_deepspeed_compiles,
+    lr_at,
+    resolve_precision,
+)
 from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
@@ -145,6 +150,8 @@ def _hardware(t: dict[str, Any], device: torch.device) -> dict[str, str]:
 def _build(cfg: WorkerConfig, device: torch.device, world: int, precision: str) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
     """Model (from init_from weights if given), AdamW and the DeepSpeed engine."""
     import deepspeed
+
+    defer_deepspeed_compiles()
 
     t = cfg.train
     torch.manual_seed(t["seed"])  # the initial weights: one function of the seed, the same on every rank
