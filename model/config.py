@@ -132,7 +132,7 @@ class ModelConfig:
                f"XLNet takes Transformer-XL's relative encoding, pos_encoding 'xl', got {self.pos_encoding!r}")
         _check(self.memory_len >= 0, "memory_len", f"must be >= 0, got {self.memory_len}")
         _check(self.memory_len == 0 or (self.family in ("decoder", "xlnet") and self.pos_encoding in MEMORY_POS_ENCODINGS),
-               "memory_len", f"a segment memory needs a decoder with a relative pos_encoding {MEMORY_POS_ENCODINGS}: "
+               "memory_len", f"a segment memory needs a decoder or XLNet with a relative pos_encoding {MEMORY_POS_ENCODINGS}: "
                f"absolute positions restart in every segment, so the memory's would clash; got family "
                f"{self.family!r}, pos_encoding {self.pos_encoding!r}")
         if self.d_ff is None:
