@@ -108,14 +108,15 @@ class SelfAttention(nn.Module):
         values come from instead of x (XLNet's query stream attends to the content stream)."""
         B, T, C = x.shape
         hd, kv = self.head_dim, self.n_kv_head
-        # with a memory the projections run over [memory ; segment] (the memory's queries are dropped: one matmul
-        # that LoRA's wrapped layer also serves)
+        # keys and values from [memory ; segment] (or the content stream), queries from the segment alone; always
+        # through the module (ZeRO-3 gathers its weight in the module's forward, LoRA wraps it), at the price of
+        # the memory's unused queries
         source = x if context is None else context
         h = source if memory is None else torch.cat([memory, source], dim=1)  # (B, M + T, C)
-        q, k, v = self.qkv(h).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
-        S = h.shape[1]
-        q = q[:, S - T:] if context is None else self.qkv(x)[..., : self.n_head * hd]  # (B, T, n_head * head_dim)
-        q = q.reshape(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, head_dim)
+        S, nq = h.shape[1], self.n_head * hd
+        q, k, v = self.qkv(h).split([nq, kv * hd, kv * hd], dim=2)
+        q = q[:, S - T:] if context is None else self.qkv(x)[..., :nq]  # (B, T, n_head * head_dim)
+        q = q.reshape(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, head_dim)  (reshape: q may be a slice)
         k = k.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
         v = v.view(B, S, kv, hd).transpose(1, 2)  # (B, n_kv_head, M + T, head_dim)
         if inputs.rope is not None:  # the keys' positions; the queries are the last T of them
