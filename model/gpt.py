@@ -215,6 +215,20 @@ class MaskedLMHead(nn.Module):
         return self.norm(F.gelu(self.dense(x), approximate=self.approximate))
 
 
+def init_gpt2_style(model: nn.Module, cfg: ModelConfig) -> None:
+    """N(0, init_std) for every matrix (embeddings, projections, a separate unembedding, Transformer-XL's biases u
+    and v), zero biases, unit norm gains, and residual output projections scaled by 1/sqrt(2 * n_layer) (GPT-2) so
+    the residual stream's variance does not grow with depth."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            scale = 1.0 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 1.0
+            nn.init.normal_(p, mean=0.0, std=cfg.init_std * scale)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:  # norm gains
+            nn.init.ones_(p)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -237,18 +251,8 @@ class GPT(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """All initialisation in one place: N(0, std) for every matrix (embeddings, projections,
-        a separate unembedding), zero biases, unit norm gains, and residual output projections
-        scaled by 1/sqrt(2 * n_layer) (GPT-2) so the residual stream's variance does not grow with depth."""
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                scale = 1.0 / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            else:  # norm gains
-                nn.init.ones_(p)
+        """All initialisation in one place: `init_gpt2_style`."""
+        init_gpt2_style(self, self.config)
 
     @property
     def num_params(self) -> int:

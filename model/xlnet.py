@@ -25,7 +25,6 @@ exports write their biases as zeros, which is exact for single-segment inputs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
-from model.gpt import MLP, AttentionInputs, SelfAttention
+from model.gpt import MLP, AttentionInputs, SelfAttention, init_gpt2_style
 from model.layers import make_norm, relative_sinusoids
 from model.memory import SegmentMemory
 
@@ -84,17 +83,8 @@ class XLNet(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """N(0, init_std) for every matrix and the biases u, v and the query start (XLNet's initializer_range),
-        residual output projections scaled by 1/sqrt(2 * n_layer) as the decoder's, zero biases, unit norm gains."""
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                scale = 1.0 / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            else:
-                nn.init.ones_(p)
+        """The decoder's initialisation (`model.gpt.init_gpt2_style`); the query start vector is a matrix to it."""
+        init_gpt2_style(self, self.config)
 
     @property
     def num_params(self) -> int:
