@@ -142,11 +142,13 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
                    x_label="context (tokens)", y_label="accuracy", log_x=True, log_y=False)
         return [path]
     ok = [r for r in result["lengths"] if r["supported"]]
-    series = {"none": [(r["context"], r["ppl"]) for r in ok]}
+    memory_rows = result.get("memory", {})
+    series = {"one window" if memory_rows else "none": [(r["context"], r["ppl"]) for r in ok]}
     for kind, rows in result["rope_scaled"].items():  # scaled lines start from the unscaled value at the context
         series[kind] = [(r["context"], r["ppl"]) for r in ok if r["multiplier"] == 1.0] + [(r["context"], r["ppl"]) for r in rows]
-    for kind, rows in result.get("memory", {}).items():  # a segment-memory model read with its memory, or sliding
-        series[f"{kind} ({rows[0]['memory_len']} memory)" if kind == "memory" else kind] = [(r["context"], r["ppl"]) for r in rows]
+    for kind, rows in memory_rows.items():  # a segment-memory model read with its memory, or by sliding windows
+        label = f"with its memory ({rows[0]['memory_len']})" if kind == "memory" else "sliding windows"
+        series[label] = [(r["context"], r["ppl"]) for r in rows]
     bad = [r["context"] for r in result["lengths"] if not r["supported"]]
     paths = [out_dir / "extrapolation.png", out_dir / "loss_by_position.png"]
     line_chart(paths[0], series, title=f"validation perplexity by context (trained at {result['train_seq_len']})",
