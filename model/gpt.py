@@ -36,7 +36,6 @@ Pure PyTorch: no Ray, DeepSpeed or MLflow here. Distribution is applied from out
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.config import GATED_MLPS, ModelConfig, flops_per_token
+from model.initialisation import init_gpt2_style
 from model.kv_cache import KVCache
 from model.layers import (
     Rotary,
@@ -213,20 +213,6 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.dense(x), approximate=self.approximate))
-
-
-def init_gpt2_style(model: nn.Module, cfg: ModelConfig) -> None:
-    """N(0, init_std) for every matrix (embeddings, projections, a separate unembedding, Transformer-XL's biases u
-    and v), zero biases, unit norm gains, and residual output projections scaled by 1/sqrt(2 * n_layer) (GPT-2) so
-    the residual stream's variance does not grow with depth."""
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            scale = 1.0 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 1.0
-            nn.init.normal_(p, mean=0.0, std=cfg.init_std * scale)
-        elif name.endswith("bias"):
-            nn.init.zeros_(p)
-        else:  # norm gains
-            nn.init.ones_(p)
 
 
 class GPT(nn.Module):

@@ -41,13 +41,12 @@ from model.hf_encoder import (
     from_encoder,
     to_encoder,
 )
-from model.hf_t5 import check_t5_exportable, config_from_t5, from_t5, t5_config, to_t5
+from model.hf_t5 import check_t5_exportable, config_from_t5, from_t5, write_t5
 from model.hf_xlnet import (
     check_xlnet_exportable,
     config_from_xlnet,
     from_xlnet,
-    to_xlnet,
-    xlnet_config,
+    write_xlnet,
 )
 from model.seq2seq import EncoderDecoder
 from model.weights import build_model
@@ -95,11 +94,18 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if family == "t5":
-        return _export_t5(sd, cfg, folder, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
-                          ids=dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id))
+        write_t5(sd, cfg, folder, dtype=next(model.parameters()).dtype,
+                 ids=dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id))
+        if tokenizer is not None:
+            _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len,
+                            specials={"eos_token": eos_token_id, "pad_token": pad_token_id})
+        return folder
     if family == "xlnet":
-        return _export_xlnet(sd, cfg, folder, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
-                             ids=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id))
+        write_xlnet(sd, cfg, folder, dtype=next(model.parameters()).dtype,
+                    ids=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id))
+        if tokenizer is not None:
+            _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, specials={"eos_token": eos_token_id})
+        return folder
     if family == "bert":
         return _export_encoder(sd, cfg, folder, encoder_type, tokenizer=tokenizer, dtype=next(model.parameters()).dtype,
                                ids=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id),
@@ -115,38 +121,6 @@ def export_hf(model: GPT, folder: str | Path, *, tokenizer: str | Path | None = 
     GenerationConfig(**ids).save_pretrained(folder)
     if tokenizer is not None:
         _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, specials={"eos_token": eos_token_id})
-    return folder
-
-
-def _export_t5(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, *, tokenizer: str | Path | None,
-               dtype: torch.dtype, ids: dict[str, int | None]) -> Path:
-    from transformers import GenerationConfig, T5Config
-
-    if ids["pad_token_id"] is None:
-        raise ValueError("T5 export needs a pad_token_id (T5's decoder starts from it)")
-    save_file({k: v.contiguous() for k, v in to_t5(sd, cfg).items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    hf_config = T5Config(**t5_config(cfg), **ids, decoder_start_token_id=ids["pad_token_id"], dtype=str(dtype).removeprefix("torch."))
-    hf_config.architectures = ["T5ForConditionalGeneration"]
-    hf_config.save_pretrained(folder)
-    GenerationConfig(**ids, decoder_start_token_id=ids["pad_token_id"]).save_pretrained(folder)
-    if tokenizer is not None:
-        _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len,
-                        specials={"eos_token": ids["eos_token_id"], "pad_token": ids["pad_token_id"]})
-    return folder
-
-
-def _export_xlnet(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, *, tokenizer: str | Path | None,
-                  dtype: torch.dtype, ids: dict[str, int | None]) -> Path:
-    from transformers import XLNetConfig
-
-    save_file({k: v.contiguous() for k, v in to_xlnet(sd, cfg).items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    hf_config = XLNetConfig(**xlnet_config(cfg), **{k: v for k, v in ids.items() if v is not None},
-                            dtype=str(dtype).removeprefix("torch."))
-    hf_config.architectures = ["XLNetLMHeadModel"]
-    hf_config.save_pretrained(folder)
-    if tokenizer is not None:
-        _copy_tokenizer(Path(tokenizer), folder, max_len=cfg.max_seq_len, specials={"eos_token": ids["eos_token_id"]})
     return folder
 
 

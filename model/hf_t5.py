@@ -12,6 +12,7 @@ starts from the padding token, T5's `decoder_start_token_id`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,22 @@ def t5_config(cfg: ModelConfig) -> dict[str, Any]:
                 relative_attention_num_buckets=cfg.rel_buckets, relative_attention_max_distance=cfg.rel_max_distance,
                 dropout_rate=cfg.dropout, layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=_FF_OUT[cfg.mlp],
                 initializer_factor=1.0, is_encoder_decoder=True, n_positions=cfg.max_seq_len)
+
+
+def write_t5(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, *, dtype: torch.dtype,
+             ids: dict[str, int | None]) -> None:
+    """model.safetensors, config.json and generation_config.json of a T5ForConditionalGeneration folder
+    (`model.hf.export_hf` adds the tokenizer)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, T5Config
+
+    if ids["pad_token_id"] is None:
+        raise ValueError("T5 export needs a pad_token_id (T5's decoder starts from it)")
+    save_file({k: v.contiguous() for k, v in to_t5(sd, cfg).items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = T5Config(**t5_config(cfg), **ids, decoder_start_token_id=ids["pad_token_id"], dtype=str(dtype).removeprefix("torch."))
+    hf_config.architectures = ["T5ForConditionalGeneration"]
+    hf_config.save_pretrained(folder)
+    GenerationConfig(**ids, decoder_start_token_id=ids["pad_token_id"]).save_pretrained(folder)
 
 
 def config_from_t5(hf: dict[str, Any]) -> ModelConfig:

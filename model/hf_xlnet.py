@@ -13,6 +13,7 @@ all our model reads).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,20 @@ def xlnet_config(cfg: ModelConfig) -> dict[str, Any]:
                 d_inner=cfg.d_ff, ff_activation=cfg.mlp, untie_r=True, attn_type="bi", initializer_range=cfg.init_std,
                 layer_norm_eps=cfg.norm_eps, dropout=cfg.dropout, mem_len=cfg.memory_len or None, reuse_len=None,
                 bi_data=False, clamp_len=-1, same_length=False)
+
+
+def write_xlnet(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, *, dtype: torch.dtype,
+                ids: dict[str, int | None]) -> None:
+    """model.safetensors and config.json of an XLNetLMHeadModel folder (`model.hf.export_hf` adds the tokenizer)."""
+    from safetensors.torch import save_file
+    from transformers import XLNetConfig
+
+    save_file({k: v.contiguous() for k, v in to_xlnet(sd, cfg).items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf_config = XLNetConfig(**xlnet_config(cfg), **{k: v for k, v in ids.items() if v is not None},
+                            dtype=str(dtype).removeprefix("torch."))
+    hf_config.architectures = ["XLNetLMHeadModel"]
+    hf_config.save_pretrained(folder)
 
 
 def config_from_xlnet(hf: dict[str, Any]) -> ModelConfig:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
-from model.gpt import MLP, AttentionInputs, SelfAttention, init_gpt2_style
+from model.gpt import MLP, AttentionInputs, SelfAttention
+from model.initialisation import init_gpt2_style
 from model.layers import make_norm, relative_sinusoids
 from model.memory import SegmentMemory
 
@@ -83,7 +84,7 @@ class XLNet(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The decoder's initialisation (`model.gpt.init_gpt2_style`); the query start vector is a matrix to it."""
+        """The decoder's initialisation (`model.initialisation.init_gpt2_style`); the query start vector is a matrix to it."""
         init_gpt2_style(self, self.config)
 
     @property

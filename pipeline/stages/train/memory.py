@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from model.memory import SegmentMemory
 from pipeline.errors import TrainingError
+from tokenization.dataset import stream_length
 
 
 def memory_file(rank: int) -> str:
@@ -59,3 +60,16 @@ class TrainMemories:
         for m, memory in enumerate(self.memories):
             prefix = f"micro{m}."
             memory.load_state_dict({k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)})
+
+
+def memories_for(memory_len: int, *, windows: int, global_batch: int, micro_batches: int, seq_len: int
+                 ) -> TrainMemories | None:
+    """A worker's memories (one per micro-batch) over streams of `stream_length` windows; None without a memory."""
+    if not memory_len:
+        return None
+    if windows < global_batch:
+        raise TrainingError(f"train: {windows} training windows of {seq_len + 1} tokens cannot give each of the "
+                            f"{global_batch} batch rows a stream of its own (model.memory_len); give more text or a "
+                            "smaller train.global_batch_size")
+    return TrainMemories(memory_len=memory_len, micro_batches=micro_batches,
+                         stream_length=stream_length(global_batch=global_batch, num_windows=windows))

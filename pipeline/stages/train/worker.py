@@ -49,7 +49,7 @@ from pipeline.stages.train.checkpoints import (
 )
 from pipeline.stages.train.init_from import check_init_compatible, initial_weights
 from pipeline.stages.train.lora import final_weights, write_adapter
-from pipeline.stages.train.memory import TrainMemories
+from pipeline.stages.train.memory import TrainMemories, memories_for
 from pipeline.stages.train.metrics import Costs, Rates, forward_loss, validation_loss
 from pipeline.stages.train.optim import (
     deepspeed_config,
@@ -60,12 +60,7 @@ from pipeline.stages.train.optim import (
 from pipeline.stages.train.progress import report_progress
 from pipeline.stages.train.rng import load_rng, restore_rng, save_rng, seed_rank
 from pipeline.tracking.mlflow import step_logger
-from tokenization.dataset import (
-    TokenWindows,
-    sample_indices,
-    segment_indices,
-    stream_length,
-)
+from tokenization.dataset import TokenWindows, sample_indices, segment_indices
 from tokenization.mixture import mixture_indices
 from tokenization.pairs import TaskPairs
 from tokenization.shards import shard_paths
@@ -253,7 +248,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     checkpoints = Checkpoints.for_worker(under_ray, cfg.local_checkpoint_dir, rank)
     documents = t.get("packing", "stream") == "documents"
     data = _dataset(cfg, cfg.train_shards, documents)
-    memories = _memories(cfg, data, gas)
+    memories = memories_for(cfg.model.get("memory_len", 0), windows=len(data), global_batch=t["global_batch_size"],
+                            micro_batches=gas, seq_len=cfg.seq_len)
     start_step, attempt, resumed = _resume(engine, checkpoints, cfg, rank, device, hw, memories)
     draw = _sampler(cfg, data, per_source, rank=rank, world=world)
     val = _dataset(cfg, cfg.val_shards, documents) if t.get("eval_every") and cfg.val_shards else None
@@ -309,19 +305,6 @@ def _dataset(cfg: WorkerConfig, shards: list[str], documents: bool) -> TokenWind
         return TaskPairs(shards, max_source=cfg.seq_len, max_target=cfg.seq_len, eos_id=cfg.objective["eos_id"],
                          start_id=cfg.objective["start_id"])
     return TokenWindows(shards, cfg.seq_len, documents=documents)
-
-
-def _memories(cfg: WorkerConfig, data: TokenWindows | TaskPairs, micro_batches: int) -> TrainMemories | None:
-    """A model with a segment memory: one per micro-batch, over streams of `stream_length` windows; else None."""
-    memory_len = cfg.model.get("memory_len", 0)
-    if not memory_len:
-        return None
-    if len(data) < cfg.train["global_batch_size"]:
-        raise TrainingError(f"train: {len(data)} training windows of {cfg.seq_len + 1} tokens cannot give each of the "
-                            f"{cfg.train['global_batch_size']} batch rows a stream of its own (model.memory_len); give "
-                            "more text or a smaller train.global_batch_size")
-    return TrainMemories(memory_len=memory_len, micro_batches=micro_batches,
-                         stream_length=stream_length(global_batch=cfg.train["global_batch_size"], num_windows=len(data)))
 
 
 def _sampler(cfg: WorkerConfig, data: TokenWindows | TaskPairs, per_source: list[int], *, rank: int, world: int):
