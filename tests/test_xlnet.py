@@ -184,8 +184,11 @@ def test_xlnet_with_a_memory_trains_on_permuted_streams_is_read_left_to_right_de
     store = tmp_path / "store"
     committed = {s: next(p for p in (store / s).iterdir() if (p / "_COMPLETE.json").exists())
                  for s in ("train", "evaluate", "decode")}
-    checkpoint = {p.name for p in (committed["train"] / "ray_train" / "step_00000003").iterdir()}
-    assert {"memory.rank0.safetensors", "memory.rank1.safetensors"} <= checkpoint
+    from safetensors.torch import load_file
+
+    for rank in (0, 1):  # each rank carried its rows' memory through training: (micro batch, memory_len, d_model)
+        memory = load_file(str(committed["train"] / "ray_train" / "step_00000003" / f"memory.rank{rank}.safetensors"))
+        assert memory["micro0.layer1"].shape == (2, 32, 32)
     result = json.loads((committed["evaluate"] / "eval.json").read_text())
     m = result["metrics"]
     assert 0 < m["val_loss"] < np.log(300) and 0 < m["plm_loss"] < np.log(300) and m["plm_tokens"] > 0
@@ -216,3 +219,7 @@ def test_a_permutation_lm_run_resumed_from_a_checkpoint_trains_exactly_as_an_uni
               "seq_len": 16, "train_shards": [_shard(tmp_path, lengths=tuple(range(3, 40)))],
               "objective": {"kind": "permutation_lm"}}
     assert "mask_emb" in resumed_equals_uninterrupted(config, tmp_path)
+    from safetensors.torch import load_file
+
+    memory = load_file(str(tmp_path / "whole" / "ckpt-1" / "step_00000002" / "memory.rank0.safetensors"))
+    assert memory["micro1.layer1"].shape == (2, 8, 32)  # the memory was carried (and resumed) in training

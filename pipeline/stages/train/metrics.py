@@ -48,7 +48,8 @@ def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch
     target). A segment memory (`model.memory`), given, is read and advanced by these windows."""
     if objective is not None:
         arrays = objective.model_inputs(data.batch(idx)[:, :-1], idx, draw=draw)
-        return engine(*(torch.from_numpy(a).to(device) for a in arrays), **({"memory": memory} if memory else {}))
+        return engine(*(torch.from_numpy(a).to(device) for a in arrays),
+                      **({"memory": memory} if memory is not None else {}))  # (an empty memory has len 0)
     if isinstance(data, TaskPairs):  # seq2seq: records' sources and targets, right-padded
         src, src_mask, tgt_in, tgt = (torch.from_numpy(a).to(device) for a in data.batch(idx))
         return engine(src, tgt_in, tgt, src_mask=src_mask)
