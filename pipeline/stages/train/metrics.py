@@ -46,15 +46,14 @@ def forward_loss(engine: Any, data: TokenWindows, idx: np.ndarray, device: torch
     span corruption (an `objective`, `pipeline.objectives`): the windows' first T tokens corrupted by its draw
     `draw` into the model's inputs and targets (an encoder's, an encoder-decoder's source, decoder input and
     target). A segment memory (`model.memory`), given, is read and advanced by these windows."""
+    kw: dict[str, Any] = {"memory": memory} if memory is not None else {}  # (not `if memory`: an empty one has len 0)
     if objective is not None:
         arrays = objective.model_inputs(data.batch(idx)[:, :-1], idx, draw=draw)
-        return engine(*(torch.from_numpy(a).to(device) for a in arrays),
-                      **({"memory": memory} if memory is not None else {}))  # (an empty memory has len 0)
+        return engine(*(torch.from_numpy(a).to(device) for a in arrays), **kw)
     if isinstance(data, TaskPairs):  # seq2seq: records' sources and targets, right-padded
         src, src_mask, tgt_in, tgt = (torch.from_numpy(a).to(device) for a in data.batch(idx))
         return engine(src, tgt_in, tgt, src_mask=src_mask)
     batch = torch.from_numpy(data.batch(idx)).to(device)  # (micro, T+1)
-    kw: dict[str, Any] = {"memory": memory} if memory is not None else {}
     if data.documents:
         kw["segment_ids"] = torch.from_numpy(data.segments(idx)).to(device)  # (micro, T)
     targets = batch[:, 1:]
